@@ -1,0 +1,30 @@
+"""Name -> architecture constructor."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn as nn
+
+from egp_deploy.errors import UnsupportedError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_arch(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_archs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build architecture ``name`` with keyword knobs (``num_classes``, ``in_channels``, ``width`` ...)."""
+    if name not in _REGISTRY:
+        raise UnsupportedError(f"unknown architecture {name!r}; known: {', '.join(list_archs())}")
+    try:
+        return _REGISTRY[name](**kwargs)
+    except TypeError as e:
+        raise UnsupportedError(f"bad arguments for architecture {name!r}: {e}") from None

@@ -1,0 +1,108 @@
+"""The ``model.pt`` checkpoint format: a plain dict that loads with ``torch.load(weights_only=True)``.
+
+    format          "egp-deploy-checkpoint"
+    format_version  1
+    arch            registry name, e.g. "resnet18"
+    arch_kwargs     keyword arguments of the constructor (JSON-like)
+    state_dict      weights with pruning masks folded in (pruned weights are exact zeros)
+    input_shape     [C, H, W] of one sample
+    num_classes     int
+    metadata        JSON-like dict: data spec, accuracy, sparsity, per-layer entropy, recipe, ...
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from egp_deploy.archs import create_model
+from egp_deploy.errors import InputFileError
+from egp_deploy.io_utils import atomic_path
+
+FORMAT = "egp-deploy-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    arch: str
+    arch_kwargs: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def build_model(self) -> nn.Module:
+        """Instantiate the architecture and load the weights; eval mode."""
+        model = create_model(self.arch, **self.arch_kwargs)
+        try:
+            model.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise InputFileError(
+                f"checkpoint weights do not fit architecture {self.arch!r} {self.arch_kwargs}: "
+                f"{first[1].strip() if len(first) > 1 else first[0]}"
+            ) from None
+        return model.eval()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "arch": self.arch,
+            "arch_kwargs": dict(self.arch_kwargs),
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in self.state_dict.items()},
+            "input_shape": list(self.input_shape),
+            "num_classes": int(self.num_classes),
+            "metadata": self.metadata,
+        }
+
+
+def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
+    """Write atomically (temp file + rename)."""
+    with atomic_path(path) as tmp:
+        torch.save(ckpt.to_dict(), tmp)
+    return Path(path)
+
+
+def checkpoint_from_model(
+    model: nn.Module, arch: str, arch_kwargs: dict[str, Any], input_shape, num_classes: int,
+    metadata: dict[str, Any] | None = None,
+) -> Checkpoint:
+    return Checkpoint(arch, dict(arch_kwargs), model.state_dict(), tuple(input_shape), num_classes, metadata or {})
+
+
+def load_checkpoint(path: str | Path, expected_arch: str | None = None) -> Checkpoint:
+    """Read and validate a checkpoint; every failure is one clear InputFileError."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputFileError(
+            f"{path} is not a readable egp-deploy checkpoint ({msg[:160]}); TorchScript/.pt2/pickled "
+            "modules are accepted by egp-export only"
+        ) from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise InputFileError(f"{path} is not an egp-deploy checkpoint (no 'format': '{FORMAT}' entry)")
+    if obj.get("format_version") != FORMAT_VERSION:
+        raise InputFileError(
+            f"{path} has checkpoint format version {obj.get('format_version')}, this tool reads {FORMAT_VERSION}"
+        )
+    missing = [k for k in ("arch", "arch_kwargs", "state_dict", "input_shape", "num_classes") if k not in obj]
+    if missing:
+        raise InputFileError(f"{path} lacks checkpoint fields: {', '.join(missing)}")
+    if expected_arch is not None and obj["arch"] != expected_arch:
+        raise InputFileError(f"{path} holds architecture {obj['arch']!r}, expected {expected_arch!r}")
+    return Checkpoint(
+        obj["arch"], dict(obj["arch_kwargs"]), obj["state_dict"], tuple(obj["input_shape"]),
+        int(obj["num_classes"]), dict(obj.get("metadata") or {}),
+    )

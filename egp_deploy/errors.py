@@ -1,0 +1,56 @@
+"""User-facing errors: each class is one kind of failure with its own exit code.
+
+The CLI prints ``error: <message>`` on one line and exits with ``exit_code``; no traceback.
+Exit codes: 0 ok, 1 internal error (a bug: rerun with EGP_DEBUG=1 for the traceback),
+2 bad command line, 3 bad input file, 4 bad data, 5 missing backend, 6 non-finite numbers,
+7 verification failed, 8 unsupported model/op, 130 interrupted.
+``egp-check`` is the exception: 0 within budget, 1 over budget, 2 for anything it could not measure.
+"""
+
+
+class EgpError(Exception):
+    """Base of every failure a user can cause. Subclasses pick a distinct exit code."""
+
+    exit_code = 2
+
+
+class InputFileError(EgpError):
+    """A model/checkpoint/engine file is missing, truncated, of another format or architecture."""
+
+    exit_code = 3
+
+
+class DataError(EgpError):
+    """A data set folder, plugin or calibration tensor is missing, malformed or the wrong shape."""
+
+    exit_code = 4
+
+
+class BackendUnavailableError(EgpError):
+    """A backend (onnxruntime-gpu, TensorRT, CUDA) is not installed or cannot run here."""
+
+    exit_code = 5
+
+
+class NonFiniteError(EgpError):
+    """NaN/Inf in data, loss or model outputs."""
+
+    exit_code = 6
+
+
+class VerificationError(EgpError):
+    """A rewritten graph or engine does not match its reference within tolerance."""
+
+    exit_code = 7
+
+
+class UnsupportedError(EgpError):
+    """A model or option this tool cannot handle (unknown architecture, op, flag combination)."""
+
+    exit_code = 8
+
+
+class UsageError(EgpError):
+    """Bad command-line arguments (contradictory options, output path equal to input, ...)."""
+
+    exit_code = 2
