@@ -1,0 +1,282 @@
+"""Activation states of an ONNX graph itself, measured with onnxruntime on calibration inputs.
+
+Every rectifier's input (its pre-activation) is exposed as an extra graph output; one pass over
+the data counts, per channel, how often each linear region is hit:
+    Relu              off: x <= 0            lin: x > 0            (exact zeros count as OFF)
+    Clip (ReLU6)      off: x <= min          lin: min < x < max    sat: x >= max
+    LeakyRelu/PRelu   neg: x <= 0 (slope a)  lin: x > 0
+A channel whose samples all fall in one region is a linear map there (identity, constant, or a
+scale); a layer whose channels are all like that has zero entropy and can be stripped.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from egp_deploy.errors import DataError, NonFiniteError
+
+RECTIFIERS = ("Relu", "Clip", "LeakyRelu", "PRelu")
+
+
+@dataclass
+class ActivationStats:
+    """Per-channel region counts of one activation node (``counts[region][c]``)."""
+
+    node: str
+    op: str
+    tensor: str
+    channel_axis: int
+    rank: int
+    total: int  # samples x positions per channel
+    counts: dict[str, np.ndarray]  # "off"/"lin"/"sat" (Relu, Clip) or "neg"/"lin" (LeakyRelu, PRelu)
+    low: float = 0.0  # Clip min (or 0)
+    high: float = float("inf")  # Clip max
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return int(self.counts["lin"].shape[0])
+
+    @property
+    def on_probability(self) -> np.ndarray:
+        """P(x in the linear region); for Relu this is the EGP ON probability."""
+        return self.counts["lin"] / max(self.total, 1)
+
+    def channel_states(self) -> np.ndarray:
+        """Per channel: the region every sample hit ("lin", "off", "sat", "neg") or "mixed"."""
+        states = np.full(self.channels, "mixed", dtype=object)
+        for region, c in self.counts.items():
+            states[c == self.total] = region
+        return states
+
+    def channel_entropy(self) -> np.ndarray:
+        """Binary entropy (bits) of ON vs not-ON per channel, as EGP defines it."""
+        p = np.clip(self.on_probability, 0.0, 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            h = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
+        return np.nan_to_num(h, nan=0.0)
+
+    @property
+    def layer_entropy(self) -> float:
+        """Mean entropy of the non-degenerate channels, 0 if all are degenerate (EGP's normalisation)."""
+        p = self.on_probability
+        live = (p > 0) & (p < 1)
+        return float(self.channel_entropy()[live].mean()) if live.any() else 0.0
+
+    @property
+    def zero_entropy(self) -> bool:
+        return self.layer_entropy == 0.0
+
+    def summary(self) -> dict[str, Any]:
+        states = self.channel_states()
+        return {
+            "node": self.node, "op": self.op, "channels": self.channels,
+            "entropy": self.layer_entropy,
+            "always": {r: int((states == r).sum()) for r in list(self.counts) + ["mixed"]},
+        }
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    vals = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    vals[n.output[0]] = onnx.numpy_helper.to_array(a.t)
+    return vals
+
+
+def _clip_bounds(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> tuple[float, float] | None:
+    lo, hi = -np.inf, np.inf
+    for a in node.attribute:  # opset < 11
+        if a.name == "min":
+            lo = a.f
+        if a.name == "max":
+            hi = a.f
+    for i, name in ((1, "lo"), (2, "hi")):
+        if len(node.input) > i and node.input[i]:
+            if node.input[i] not in consts:
+                return None  # data-dependent bounds: not a fixed piecewise-linear map
+            v = float(np.asarray(consts[node.input[i]]).reshape(()))
+            lo, hi = (v, hi) if name == "lo" else (lo, v)
+    return lo, hi
+
+
+def _channel_axis(node_input: str, producers: dict[str, onnx.NodeProto], rank: int) -> int:
+    """Axis 1, except token tensors (N, L, C) that come out of a MatMul (transformer MLPs)."""
+    if rank != 3:
+        return 1
+    p = producers.get(node_input)
+    seen = 0
+    while p is not None and seen < 3:
+        if p.op_type in ("MatMul", "Gemm"):
+            return 2
+        if p.op_type not in ("Add", "Mul"):
+            break
+        p = next((producers[i] for i in p.input if i in producers), None)
+        seen += 1
+    return 1
+
+
+def _input_feed_plan(model: onnx.ModelProto, data: np.ndarray) -> tuple[str, int | None]:
+    graph = model.graph
+    init_names = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in init_names]
+    if len(inputs) != 1:
+        raise DataError(f"the model has {len(inputs)} inputs; calibration supports exactly one")
+    inp = inputs[0]
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+    if len(dims) != data.ndim:
+        raise DataError(f"calibration data has shape {tuple(data.shape)}, the model input "
+                        f"{inp.name!r} has rank {len(dims)} ({_fmt_dims(dims)})")
+    for i, (d, s) in enumerate(zip(dims, data.shape)):
+        if i > 0 and d is not None and d != s:
+            raise DataError(f"calibration data has shape {tuple(data.shape)}, the model input "
+                            f"{inp.name!r} expects {_fmt_dims(dims)}")
+    return inp.name, dims[0] if dims else None
+
+
+def _fmt_dims(dims: list[int | None]) -> str:
+    return "(" + ", ".join("N" if d is None else str(d) for d in dims) + ")"
+
+
+def check_inputs(model: onnx.ModelProto, data: np.ndarray, what: str = "calibration data") -> np.ndarray:
+    """Shape and finiteness checks with one-line errors; returns float32 data."""
+    data = np.asarray(data)
+    if data.dtype.kind not in "fiu":
+        raise DataError(f"{what} must be numeric, got dtype {data.dtype}")
+    data = data.astype(np.float32, copy=False)
+    if data.shape[0] == 0:
+        raise DataError(f"{what} is empty")
+    if not np.isfinite(data).all():
+        raise NonFiniteError(f"{what} contains NaN or Inf values")
+    _input_feed_plan(model, data)
+    return data
+
+
+def run_batched(session, input_name: str, data: np.ndarray, static_batch: int | None, batch_size: int,
+                output_names: list[str] | None, consume: Callable[[list[np.ndarray]], None]) -> None:
+    """Feed ``data`` in batches (the model's static batch when it has one; the tail is padded)."""
+    bs = static_batch if static_batch else batch_size
+    for start in range(0, data.shape[0], bs):
+        chunk = data[start:start + bs]
+        n = chunk.shape[0]
+        if static_batch and n < bs:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, axis=0)])
+        outs = session.run(output_names, {input_name: chunk})
+        consume([o[:n] if (o.ndim and static_batch) else o for o in outs])
+
+
+def make_session(model: onnx.ModelProto | bytes, threads: int = 0):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    blob = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+
+
+def measure_activation_stats(
+    model: onnx.ModelProto, data: np.ndarray, batch_size: int = 32, threads: int = 0,
+    progress: bool = False,
+) -> tuple[dict[str, ActivationStats], list[np.ndarray]]:
+    """Stats of every Relu/Clip/LeakyRelu/PRelu node (keyed by node name; unnamed nodes are skipped:
+    name them first) and the model's own outputs on ``data`` (the reference for verification)."""
+    data = check_inputs(model, data)
+    input_name, static_batch = _input_feed_plan(model, data)
+    probe = copy.deepcopy(model)
+    graph = probe.graph
+    consts = _constants(graph)
+    producers = {o: n for n in graph.node for o in n.output}
+    graph_outputs = [o.name for o in graph.output]
+    sites: list[tuple[onnx.NodeProto, str, dict[str, Any]]] = []
+    exposed: list[str] = []
+    for node in graph.node:
+        if node.op_type not in RECTIFIERS or not node.name or not node.input:
+            continue
+        info: dict[str, Any] = {}
+        if node.op_type == "Clip":
+            bounds = _clip_bounds(node, consts)
+            if bounds is None:
+                continue
+            info["low"], info["high"] = bounds
+        elif node.op_type == "LeakyRelu":
+            info["slope"] = next((a.f for a in node.attribute if a.name == "alpha"), 0.01)
+        elif node.op_type == "PRelu":
+            if len(node.input) < 2 or node.input[1] not in consts:
+                continue
+            info["slope"] = consts[node.input[1]]
+        x = node.input[0]
+        if x in consts:
+            continue
+        sites.append((node, x, info))
+        if x not in exposed and x not in graph_outputs:
+            exposed.append(x)
+    for x in exposed:
+        graph.output.append(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
+    session = make_session(probe, threads)
+    names = graph_outputs + exposed
+    index = {n: i for i, n in enumerate(names)}
+    acc: dict[str, dict[str, np.ndarray]] = {}
+    totals: dict[str, int] = {}
+    axes: dict[str, tuple[int, int]] = {}
+    reference: list[list[np.ndarray]] = [[] for _ in graph_outputs]
+
+    def consume(outs: list[np.ndarray]) -> None:
+        for i in range(len(graph_outputs)):
+            reference[i].append(outs[i])
+        for node, x, info in sites:
+            t = outs[index[x]]
+            rank = t.ndim
+            axis = _channel_axis(x, producers, rank) if rank >= 2 else 0
+            axes[node.name] = (axis, rank)
+            t = np.moveaxis(t, axis, -1).reshape(-1, t.shape[axis]) if rank >= 2 else t.reshape(-1, 1)
+            if node.op_type == "Clip":
+                regions = {"off": t <= info["low"], "sat": t >= info["high"]}
+                regions["lin"] = ~(regions["off"] | regions["sat"])
+            elif node.op_type == "Relu":
+                lin = t > 0
+                regions = {"off": ~lin, "lin": lin}
+            else:
+                lin = t > 0
+                regions = {"neg": ~lin, "lin": lin}
+            counts = {r: m.sum(axis=0, dtype=np.int64) for r, m in regions.items()}
+            slot = acc.setdefault(node.name, {r: np.zeros_like(c) for r, c in counts.items()})
+            for r, c in counts.items():
+                slot[r] += c
+            totals[node.name] = totals.get(node.name, 0) + t.shape[0]
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=data.shape[0], desc="activation stats", unit="sample", leave=False)
+
+    def consume_and_tick(outs: list[np.ndarray]) -> None:
+        consume(outs)
+        if bar is not None:
+            bar.update(outs[0].shape[0] if outs and outs[0].ndim else 1)
+
+    run_batched(session, input_name, data, static_batch, batch_size, names, consume_and_tick)
+    if bar is not None:
+        bar.close()
+    stats: dict[str, ActivationStats] = {}
+    for node, x, info in sites:
+        if node.name not in acc:
+            continue
+        axis, rank = axes[node.name]
+        stats[node.name] = ActivationStats(
+            node=node.name, op=node.op_type, tensor=x, channel_axis=axis, rank=rank,
+            total=totals[node.name], counts=acc[node.name],
+            low=float(info.get("low", 0.0)), high=float(info.get("high", np.inf)),
+            extra={"slope": info["slope"]} if "slope" in info else {},
+        )
+    ref = [np.concatenate(parts) if parts and parts[0].ndim else parts[0] for parts in reference]
+    return stats, ref

@@ -1,0 +1,202 @@
+"""Exact canonicalisation: constant folding, BatchNormalization and per-channel affine ops folded into
+the preceding Conv/Gemm, Identity/Dropout removal, neutral elementwise ops (x+0, x-0, x*1, x/1)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from typing import Any
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from egp_deploy.surgery._graph import (
+    bypass, const_value, conv_weights, gemm_weights, only_consumer, producer, set_conv_weights,
+    set_gemm_weights, static_shape,
+)
+
+logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
+
+
+def fold_constants(graph: gs.Graph) -> None:
+    """graphsurgeon's folding (runs onnxruntime on the constant subgraphs); never fatal."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            graph.fold_constants(error_ok=True)
+        except Exception:  # folding is an optimisation: an op ORT cannot evaluate just stays
+            pass
+    graph.cleanup()
+
+
+def remove_identities(graph: gs.Graph) -> list[str]:
+    removed = []
+    for node in list(graph.nodes):
+        if node.op == "Identity" or (node.op == "Dropout" and _dropout_is_identity(graph, node)):
+            name = node.name
+            if node.op == "Dropout":
+                node.outputs[:] = node.outputs[:1]
+                node.inputs[:] = node.inputs[:1]
+            if bypass(graph, node):
+                removed.append(name)
+    graph.cleanup()
+    return removed
+
+
+def _dropout_is_identity(graph: gs.Graph, node: gs.Node) -> bool:
+    """Inference-mode Dropout whose mask output nobody reads."""
+    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        mode = const_value(node.inputs[2])
+        if mode is None or bool(np.asarray(mode).reshape(-1)[0]):
+            return False
+    return all(not o.outputs and o not in graph.outputs for o in node.outputs[1:])
+
+
+def _channel_vector(c: np.ndarray, out_rank: int, channels: int) -> np.ndarray | None:
+    """A constant that broadcasts only along axis 1 of a rank-``out_rank`` tensor, as a (C,) vector."""
+    if c.size == 1:
+        return np.full((channels,), c.reshape(()), dtype=np.float32)
+    if c.ndim > out_rank:
+        return None
+    shape = (1,) * (out_rank - c.ndim) + tuple(c.shape)
+    if shape[0] != 1 or shape[1] != channels or any(d != 1 for d in shape[2:]):
+        return None
+    return c.reshape(channels).astype(np.float32)
+
+
+def _affine_target(graph: gs.Graph, x: gs.Tensor):
+    """The Conv/Gemm producing ``x`` and read only by one node, with its (W, b, kind)."""
+    p = producer(x)
+    if p is None or only_consumer(x, graph) is None:
+        return None
+    if p.op == "Conv":
+        wb = conv_weights(p)
+        return (p, wb, "conv") if wb else None
+    if p.op == "Gemm":
+        wb = gemm_weights(p)
+        return (p, wb, "gemm") if wb else None
+    return None
+
+
+def _apply_affine(p: gs.Node, wb, kind: str, scale: np.ndarray, shift: np.ndarray) -> None:
+    w, b = wb
+    cout = w.shape[0] if kind == "conv" else w.shape[1]
+    b = np.zeros((cout,), np.float32) if b is None else b
+    if kind == "conv":
+        w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+        set_conv_weights(p, w, b * scale + shift)
+    else:
+        set_gemm_weights(p, w * scale[None, :], b * scale + shift)
+
+
+def fold_affine(graph: gs.Graph) -> list[dict[str, Any]]:
+    """BatchNormalization, and Mul/Add/Sub/Div by per-channel constants, into the preceding Conv/Gemm."""
+    folded = []
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            if not node.outputs or not node.inputs:
+                continue
+            if node.op == "BatchNormalization":
+                if len(node.outputs) > 1 and any(o.outputs for o in node.outputs[1:]):
+                    continue
+                if node.attrs.get("training_mode", 0):
+                    continue
+                params = [const_value(t) for t in node.inputs[1:5]]
+                if any(v is None for v in params):
+                    continue
+                target = _affine_target(graph, node.inputs[0])
+                if target is None:
+                    continue
+                g, beta, mean, var = (v.astype(np.float64) for v in params)
+                scale = g / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
+                shift = beta - mean * scale
+                x_var = node.inputs[0]
+            elif node.op in ("Mul", "Add", "Sub", "Div") and len(node.inputs) == 2:
+                vals = [const_value(t) for t in node.inputs]
+                if (vals[0] is None) == (vals[1] is None):
+                    continue
+                ci = 0 if vals[0] is not None else 1
+                if node.op in ("Sub", "Div") and ci == 0:
+                    continue
+                x_var, c = node.inputs[1 - ci], vals[ci]
+                target = _affine_target(graph, x_var)
+                if target is None:
+                    continue
+                out_shape = static_shape(node.outputs[0])
+                xs = static_shape(x_var)
+                if xs is None or out_shape is None or len(out_shape) != len(xs):
+                    continue
+                p, wb, kind = target
+                cout = wb[0].shape[0] if kind == "conv" else wb[0].shape[1]
+                vec = _channel_vector(c, len(xs), cout)
+                if vec is None:
+                    continue
+                vec = vec.astype(np.float64)
+                if node.op == "Mul":
+                    scale, shift = vec, np.zeros_like(vec)
+                elif node.op == "Div":
+                    if np.any(vec == 0):
+                        continue
+                    scale, shift = 1.0 / vec, np.zeros_like(vec)
+                elif node.op == "Add":
+                    scale, shift = np.ones_like(vec), vec
+                else:
+                    scale, shift = np.ones_like(vec), -vec
+            else:
+                continue
+            p, wb, kind = target
+            _apply_affine(p, wb, kind, scale.astype(np.float32), shift.astype(np.float32))
+            name = node.name
+            node.inputs[:] = [x_var]
+            node.outputs[:] = node.outputs[:1]
+            if bypass(graph, node):
+                folded.append({"node": name, "op": node.op, "into": p.name})
+                changed = True
+    graph.cleanup()
+    return folded
+
+
+def remove_neutral_elementwise(graph: gs.Graph) -> list[str]:
+    """x+0, 0+x, x-0, x*1, 1*x, x/1 where the constant does not change the output's shape."""
+    removed = []
+    for node in list(graph.nodes):
+        if node.op not in ("Add", "Sub", "Mul", "Div") or len(node.inputs) != 2:
+            continue
+        vals = [const_value(t) for t in node.inputs]
+        for ci in (0, 1):
+            c = vals[ci]
+            x = node.inputs[1 - ci]
+            if c is None or vals[1 - ci] is not None:
+                continue
+            if node.op in ("Sub", "Div") and ci == 0:
+                continue
+            neutral = 0.0 if node.op in ("Add", "Sub") else 1.0
+            if not np.all(c == neutral):
+                continue
+            xs, ys = static_shape(x), static_shape(node.outputs[0])
+            if c.size != 1 and (xs is None or ys is None or list(xs) != list(ys)):
+                continue
+            if c.size == 1 and xs is not None and len(xs) < c.ndim:
+                continue
+            if getattr(x, "dtype", None) is not None and c.dtype != np.dtype(x.dtype):
+                continue
+            name = node.name
+            node.inputs[:] = [x]
+            if bypass(graph, node):
+                removed.append(name)
+            break
+    graph.cleanup()
+    return removed
+
+
+def canonicalize(graph: gs.Graph) -> dict[str, list]:
+    """All exact canonicalisations once; returns what each sub-pass did."""
+    fold_constants(graph)
+    done = {
+        "identities_removed": remove_identities(graph),
+        "affine_folded": fold_affine(graph),
+        "neutral_removed": remove_neutral_elementwise(graph),
+    }
+    return done

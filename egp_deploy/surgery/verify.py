@@ -1,0 +1,62 @@
+"""Does the rewritten graph compute what the input graph computes? (MEASURE.md)
+
+    relative error = max |y' - y| / max |y| over every output (max |y' - y| if y is all zero)
+    top-1 agreement = share of samples whose arg-max of the first output agrees (classifiers)
+NaN or Inf in y' never passes; neither does a changed output shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+
+from egp_deploy.surgery.activation_stats import _input_feed_plan, make_session, run_batched
+
+
+def run_model(model: onnx.ModelProto, data: np.ndarray, batch_size: int = 32, threads: int = 0) -> list[np.ndarray]:
+    session = make_session(model, threads)
+    input_name, static_batch = _input_feed_plan(model, data)
+    parts: list[list[np.ndarray]] = []
+
+    def consume(outs: list[np.ndarray]) -> None:
+        if not parts:
+            parts.extend([] for _ in outs)
+        for i, o in enumerate(outs):
+            parts[i].append(o)
+
+    run_batched(session, input_name, data, static_batch, batch_size, None, consume)
+    return [np.concatenate(p) if p[0].ndim else p[0] for p in parts]
+
+
+def compare(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, Any]:
+    """Relative error and top-1 agreement of ``candidate`` against ``reference``."""
+    if len(reference) != len(candidate):
+        return {"rel_error": float("inf"), "max_abs_error": float("inf"), "top1_agreement": None,
+                "finite": False, "samples": 0, "problem": "number of outputs changed"}
+    rel, max_abs, finite, problem = 0.0, 0.0, True, None
+    for y, y2 in zip(reference, candidate):
+        if y.shape != y2.shape:
+            return {"rel_error": float("inf"), "max_abs_error": float("inf"), "top1_agreement": None,
+                    "finite": bool(np.isfinite(y2).all()), "samples": int(y.shape[0]) if y.ndim else 1,
+                    "problem": f"output shape changed {y.shape} -> {y2.shape}"}
+        if not np.isfinite(y2).all():
+            finite, problem = False, "non-finite values in the rewritten graph's output"
+        diff = np.abs(y2.astype(np.float64) - y.astype(np.float64))
+        err = float(np.nanmax(diff)) if diff.size else 0.0
+        if not np.isfinite(diff).all():
+            err = float("inf")
+        scale = float(np.max(np.abs(y))) if y.size else 0.0
+        max_abs = max(max_abs, err)
+        rel = max(rel, err / scale if scale > 0 else err)
+    top1 = None
+    y, y2 = reference[0], candidate[0]
+    if y.ndim == 2 and y.shape[1] > 1:
+        top1 = float(np.mean(np.argmax(y, axis=1) == np.argmax(np.nan_to_num(y2, nan=-np.inf), axis=1)))
+    return {"rel_error": rel, "max_abs_error": max_abs, "top1_agreement": top1, "finite": finite,
+            "samples": int(y.shape[0]) if y.ndim else 1, "problem": problem}
+
+
+def passes(result: dict[str, Any], tolerance: float) -> bool:
+    return bool(result["finite"]) and result["problem"] is None and result["rel_error"] <= tolerance
