@@ -150,7 +150,8 @@ def load_source(path: str | os.PathLike, unsafe_pickle: bool = False) -> SourceM
     digest = sha256_file(path)
     if kind == "torchscript":
         try:
-            module = torch.jit.load(str(path), map_location="cpu").eval()
+            with _quiet():
+                module = torch.jit.load(str(path), map_location="cpu").eval()
         except Exception as e:
             raise InputFileError(f"{path} is a damaged TorchScript archive ({_first_line(e)})") from None
         return SourceModel("torchscript", path, digest, module, arch=_class_name(module))
@@ -254,7 +255,8 @@ def parse_input_shape(text: str | Sequence[int] | None) -> tuple[int, ...] | Non
     if not isinstance(text, str):
         dims = tuple(int(d) for d in text)
     else:
-        parts = [p for p in text.replace("x", ",").replace(" ", "").split(",") if p]
+        compact = text.replace(" ", "")
+        parts = compact.split(",") if "," in compact else compact.split("x")
         try:
             dims = tuple(int(p) for p in parts)
         except ValueError:

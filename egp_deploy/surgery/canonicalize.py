@@ -12,11 +12,18 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from egp_deploy.surgery._graph import (
+    set_list,
     bypass, const_value, conv_weights, gemm_weights, only_consumer, producer, set_conv_weights,
     set_gemm_weights, static_shape,
 )
 
 logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
+try:  # graphsurgeon's folding opens onnxruntime sessions; their optimizer warnings are noise here
+    import onnxruntime as _ort
+
+    _ort.set_default_logger_severity(3)
+except ImportError:  # folding then simply does less
+    pass
 
 
 def fold_constants(graph: gs.Graph) -> None:
@@ -35,8 +42,8 @@ def remove_identities(graph: gs.Graph) -> list[str]:
         if node.op == "Identity" or (node.op == "Dropout" and _dropout_is_identity(graph, node)):
             name = node.name
             if node.op == "Dropout":
-                node.outputs[:] = node.outputs[:1]
-                node.inputs[:] = node.inputs[:1]
+                set_list(node.outputs, node.outputs[:1])
+                set_list(node.inputs, node.inputs[:1])
             if bypass(graph, node):
                 removed.append(name)
     graph.cleanup()
@@ -149,8 +156,8 @@ def fold_affine(graph: gs.Graph) -> list[dict[str, Any]]:
             p, wb, kind = target
             _apply_affine(p, wb, kind, scale.astype(np.float32), shift.astype(np.float32))
             name = node.name
-            node.inputs[:] = [x_var]
-            node.outputs[:] = node.outputs[:1]
+            set_list(node.inputs, [x_var])
+            set_list(node.outputs, node.outputs[:1])
             if bypass(graph, node):
                 folded.append({"node": name, "op": node.op, "into": p.name})
                 changed = True
@@ -183,12 +190,33 @@ def remove_neutral_elementwise(graph: gs.Graph) -> list[str]:
             if getattr(x, "dtype", None) is not None and c.dtype != np.dtype(x.dtype):
                 continue
             name = node.name
-            node.inputs[:] = [x]
+            set_list(node.inputs, [x])
             if bypass(graph, node):
                 removed.append(name)
             break
     graph.cleanup()
     return removed
+
+
+def shrink_broadcast_constants(graph: gs.Graph) -> list[str]:
+    """A (1, C, H, W) constant operand that is uniform over H, W becomes (1, C, 1, 1) when the other
+    operand already has the output's shape (a folded constant branch is often just a bias)."""
+    shrunk = []
+    for node in graph.nodes:
+        if node.op not in ("Add", "Sub", "Mul", "Div") or len(node.inputs) != 2:
+            continue
+        for ci in (0, 1):
+            c, x = const_value(node.inputs[ci]), node.inputs[1 - ci]
+            xs, ys = static_shape(x), static_shape(node.outputs[0])
+            if c is None or c.ndim < 3 or xs is None or ys is None or list(xs) != list(ys) or len(xs) != c.ndim:
+                continue
+            flat = c.reshape(c.shape[0], c.shape[1], -1)
+            if flat.shape[2] == 1 or not np.all(flat == flat[:, :, :1]):
+                continue
+            small = np.ascontiguousarray(flat[:, :, :1].reshape(c.shape[:2] + (1,) * (c.ndim - 2)))
+            node.inputs[ci] = gs.Constant(node.inputs[ci].name + "__uniform", small)
+            shrunk.append(node.name)
+    return shrunk
 
 
 def canonicalize(graph: gs.Graph) -> dict[str, list]:
@@ -198,5 +226,6 @@ def canonicalize(graph: gs.Graph) -> dict[str, list]:
         "identities_removed": remove_identities(graph),
         "affine_folded": fold_affine(graph),
         "neutral_removed": remove_neutral_elementwise(graph),
+        "constants_shrunk": shrink_broadcast_constants(graph),
     }
     return done

@@ -321,7 +321,11 @@ def _eliminate_group(graph, members, member_of, info, module_of) -> dict[str, An
                 consumers.append((n, t))
             else:
                 return None
-    masks = [info.get(t.name, (np.zeros(nch, bool), None))[0] for t in members]
+    if not consumers:
+        return None
+    # Only what leaves the group matters: a channel pinned to a constant by a Mul(x, 0) inside the
+    # group may be live upstream of the pin and still go everywhere.
+    masks = [info.get(t.name, (np.zeros(nch, bool), None))[0] for _, t in consumers]
     if any(m.shape[0] != nch for m in masks):
         return None
     const_all = np.logical_and.reduce(masks)
@@ -336,7 +340,7 @@ def _eliminate_group(graph, members, member_of, info, module_of) -> dict[str, An
     for n, t in consumers:  # a constant next to a zero-padded border needs the map's static shape
         if _producer_kind(n) == "conv" and has_padding(conv_attrs(n, conv_weights(n)[0].shape)):
             val = info.get(t.name, (None, np.zeros(nch)))[1]
-            if not spatial_static(t) or (n.outputs[0] in graph.outputs):
+            if not spatial_static(t):
                 removable &= ~(used & (val != 0))
     if removable.all():
         removable[0] = False

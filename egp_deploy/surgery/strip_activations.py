@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from egp_deploy.surgery._graph import bypass, fresh_name, new_const
+from egp_deploy.surgery._graph import set_list, bypass, fresh_name, new_const
 from egp_deploy.surgery.activation_stats import ActivationStats
 
 
@@ -45,7 +45,7 @@ def _param_shape(stats: ActivationStats) -> tuple[int, ...]:
 
 
 def _append_affine(graph: gs.Graph, node: gs.Node, src: gs.Tensor, scale: np.ndarray, shift: np.ndarray,
-                   pshape: tuple[int, ...], keep_output: gs.Tensor) -> None:
+                   pshape: tuple[int, ...], keep_output: gs.Tensor, tag: str = "egp_") -> None:
     """keep_output := src * scale + shift (only the ops that are not neutral)."""
     steps = []
     if np.any(scale != 1.0):
@@ -56,10 +56,40 @@ def _append_affine(graph: gs.Graph, node: gs.Node, src: gs.Tensor, scale: np.nda
     for i, (op, vec) in enumerate(steps):
         last = i == len(steps) - 1
         out = keep_output if last else gs.Variable(fresh_name(node.name + "." + op.lower()), dtype=np.float32)
-        graph.nodes.append(gs.Node(op, name=fresh_name(node.name + "/egp_" + op.lower()),
+        graph.nodes.append(gs.Node(op, name=fresh_name(node.name + "/" + tag + op.lower()),
                                    inputs=[cur, new_const(vec.reshape(pshape), node.name + "." + op.lower())],
                                    outputs=[out]))
         cur = out
+
+
+PIN_TAG = "egp_pin_"
+
+
+def unpin_survivors(graph: gs.Graph, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pins exist only so that dead-channel elimination can remove the pinned channels. Where a pin
+    is still in the graph, its remaining channels could not be removed: drop the pin (the original
+    activation is more faithful off the calibration data) and report only what was eliminated."""
+    remaining: dict[str, int] = {}
+    for node in list(graph.nodes):
+        if PIN_TAG not in node.name or not node.outputs:
+            continue
+        owner = node.name.split("/" + PIN_TAG)[0]
+        if node.op == "Mul":
+            m = np.asarray(node.inputs[1].values) if isinstance(node.inputs[1], gs.Constant) else None
+            remaining[owner] = remaining.get(owner, 0) + (int((m == 0).sum()) if m is not None else 0)
+        set_list(node.inputs, node.inputs[:1])
+        bypass(graph, node)
+    graph.cleanup()
+    kept = []
+    for rec in records:
+        if "pinned" not in rec:
+            kept.append(rec)
+            continue
+        eliminated = rec["pinned"] - remaining.get(rec["node"], 0)
+        if eliminated > 0:
+            kept.append({**rec, "pinned": eliminated,
+                         "action": f"{eliminated} always-constant channels eliminated"})
+    return kept
 
 
 def strip_activations(
@@ -94,10 +124,11 @@ def strip_activations(
                 continue
             y = node.outputs[0]
             mid = gs.Variable(fresh_name(node.name + ".out"), dtype=np.float32)
-            node.outputs[:] = [mid]
+            set_list(node.outputs, [mid])
             m = np.where(const, 0.0, 1.0).astype(np.float32)
             s = np.where(const, shift, 0.0).astype(np.float32)
-            _append_affine(graph, node, mid, m, s, pshape, y)
-            records.append({**rec, "action": f"pinned {int(const.sum())} constant channels"})
+            _append_affine(graph, node, mid, m, s, pshape, y, tag=PIN_TAG)
+            records.append({**rec, "action": f"pinned {int(const.sum())} constant channels",
+                            "pinned": int(const.sum())})
     graph.cleanup().toposort()
     return records

@@ -1,0 +1,383 @@
+"""Latency measurement with trtexec's conventions (../shared/MEASURE.md), several models interleaved.
+
+* warm-up by time (200 ms per model), then rounds A B A B ... until every model has at least
+  ``min_iterations`` samples AND the timed phase lasted at least ``min_duration_s`` (for a single
+  model this is exactly trtexec's --iterations/--duration rule);
+* min, mean, median, p90, p95, p99, max, throughput; percentile p is the nearest rank on the
+  high side: sorted[max(n - 1 - int((1 - p/100) * n), 0)] (trtexec's definition);
+* coefficient of variation over 2.5 % -> a noisy-machine warning;
+* ratio of each model to the first: per round t_i / t_0, reported as median with min and max;
+* random inputs drawn once per run (never zeros) and reused; environment recorded in the JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from egp_deploy.errors import NonFiniteError, UsageError
+from egp_deploy.runners import Runner, get_runner, random_inputs, resolve_input_shapes
+from egp_deploy.runners.base import ShapeTriple
+
+SCHEMA = "egp-deploy-bench/1"
+NOISY_CV = 0.025
+PERCENTILES = (90, 95, 99)
+
+
+@dataclass
+class BenchSettings:
+    warmup_ms: float = 200.0
+    min_iterations: int = 10
+    min_duration_s: float = 3.0
+    batch: int | None = None
+    shapes: Mapping[str, ShapeTriple] | None = None
+    threads: int | None = None
+    precision: str = "fp32"
+    include_copies: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.warmup_ms < 0 or self.min_duration_s < 0:
+            raise UsageError("--warmup-ms and --duration must be >= 0")
+        if self.min_iterations < 1:
+            raise UsageError("--iterations must be >= 1")
+        if self.batch is not None and self.batch < 1:
+            raise UsageError("--batch must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError("--threads must be >= 1")
+        if self.precision not in ("fp32", "fp16"):
+            raise UsageError(f"--precision {self.precision!r}: choose fp32 or fp16")
+
+
+# ------------------------------------------------------------------------------------------
+# Statistics
+# ------------------------------------------------------------------------------------------
+def percentile(sorted_values: Sequence[float], p: float) -> float:
+    """trtexec's percentile: sorted[max(n - 1 - int((1 - p/100) * n), 0)] of an ascending list.
+
+    The excluded count is computed as (100 - p) * n / 100 with a 1e-9 guard so binary rounding
+    does not move the rank (in doubles (1 - 0.9) * 200 is 19.999..., which would give the 181st
+    of 200 samples for p90 instead of the 180th that the formula means).
+    """
+    n = len(sorted_values)
+    if n == 0:
+        raise ValueError("percentile of no samples")
+    if not 0 <= p <= 100:
+        raise ValueError(f"percentile {p} outside [0, 100]")
+    exclude = int((100.0 - p) * n / 100.0 + 1e-9)
+    return float(sorted_values[max(n - 1 - exclude, 0)])
+
+
+def summarize(samples_ms: Sequence[float], batch: int = 1) -> dict[str, Any]:
+    """min/mean/median/p90/p95/p99/max (ms), throughput (samples/s), CV and the noisy flag."""
+    if not samples_ms:
+        raise ValueError("no samples")
+    if not all(math.isfinite(t) for t in samples_ms):
+        raise NonFiniteError("a timed iteration returned a non-finite latency")
+    s = sorted(samples_ms)
+    mean = statistics.fmean(s)
+    std = statistics.pstdev(s) if len(s) > 1 else 0.0
+    cv = std / mean if mean > 0 else 0.0
+    out = {
+        "n": len(s),
+        "min": s[0],
+        "mean": mean,
+        "median": percentile(s, 50),
+        **{f"p{p}": percentile(s, p) for p in PERCENTILES},
+        "max": s[-1],
+        "std": std,
+        "cv": cv,
+        "noisy": cv > NOISY_CV,
+        "throughput_per_s": (batch * 1000.0 / mean) if mean > 0 else None,
+    }
+    return out
+
+
+def ratio_stats(samples: Sequence[float], reference: Sequence[float]) -> dict[str, float]:
+    """Per-round ratio sample/reference (same round = same machine state): median, min, max."""
+    ratios = sorted(a / b for a, b in zip(samples, reference) if b > 0)
+    if not ratios:
+        return {"median": math.nan, "min": math.nan, "max": math.nan, "pairs": 0}
+    return {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1], "pairs": len(ratios)}
+
+
+# ------------------------------------------------------------------------------------------
+# The measurement loop
+# ------------------------------------------------------------------------------------------
+def interleaved_rounds(
+    timers: Sequence[Callable[[], float]],
+    *,
+    warmup_ms: float = 200.0,
+    min_iterations: int = 10,
+    min_duration_s: float = 3.0,
+    clock: Callable[[], float] = time.perf_counter,
+    on_round: Callable[[float], None] | None = None,
+) -> list[list[float]]:
+    """Warm each timer for ``warmup_ms`` of wall time, then call them in rounds t0 t1 ... t0 t1 ...
+
+    Stops after the round in which both conditions hold: ``min_iterations`` rounds done and
+    ``min_duration_s`` of wall time spent in the timed phase. Returns samples per timer (ms).
+    """
+    if not timers:
+        raise UsageError("nothing to benchmark")
+    for timer in timers:
+        t_end = clock() + warmup_ms / 1e3
+        timer()  # at least once, even with --warmup-ms 0: first-call costs never enter the stats
+        while clock() < t_end:
+            timer()
+    samples: list[list[float]] = [[] for _ in timers]
+    start = clock()
+    rounds = 0
+    while True:
+        for i, timer in enumerate(timers):
+            samples[i].append(float(timer()))
+        rounds += 1
+        elapsed = clock() - start
+        if on_round:
+            on_round(elapsed)
+        if rounds >= min_iterations and elapsed >= min_duration_s:
+            return samples
+
+
+# ------------------------------------------------------------------------------------------
+# Environment record
+# ------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions() -> dict[str, str | None]:
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("egp-deploy", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "torch", "tensorrt", "polygraphy"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    try:  # JetPack installs tensorrt as a Debian package, invisible to importlib.metadata
+        import tensorrt  # noqa: PLC0415
+
+        out["tensorrt"] = tensorrt.__version__
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    return out
+
+
+def collect_environment(backend_details: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """Machine, GPU, library versions and per-runner backend facts (threads, providers, ...)."""
+    from egp_deploy.build import gpu_identity
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    gpu = gpu_identity()
+    cuda = None
+    try:
+        import torch
+
+        cuda = torch.version.cuda
+    except Exception:  # noqa: BLE001
+        pass
+    return {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_usable": usable,
+        "gpu_name": gpu["name"],
+        "gpu_compute_capability": gpu["compute_capability"],
+        "gpu_driver": gpu["driver"],
+        "cuda": cuda,
+        "versions": _versions(),
+        "backends": list(backend_details),
+    }
+
+
+# ------------------------------------------------------------------------------------------
+# Benchmark of model files
+# ------------------------------------------------------------------------------------------
+def benchmark_models(
+    model_paths: Sequence[str | Path],
+    backend: str | None = None,
+    settings: BenchSettings | None = None,
+    *,
+    progress: bool = False,
+    keep_samples: bool = True,
+) -> dict[str, Any]:
+    """Benchmark one or more models side by side on one backend; returns the JSON-able report."""
+    settings = settings or BenchSettings()
+    settings.validate()
+    if not model_paths:
+        raise UsageError("give at least one model")
+    runners: list[Runner] = []
+    try:
+        for path in model_paths:
+            r = get_runner(backend, path, threads=settings.threads, precision=settings.precision,
+                           include_copies=settings.include_copies)
+            r.load()
+            runners.append(r)
+        feeds_per_model = []
+        for r in runners:
+            specs = r.input_specs()
+            shapes = resolve_input_shapes(specs, settings.batch, settings.shapes)
+            feeds = random_inputs(specs, shapes, seed=settings.seed)
+            r.prepare(feeds)
+            feeds_per_model.append((specs, feeds))
+
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            total = max(settings.min_duration_s, 1e-3)
+            bar = tqdm(total=total, unit="s", desc=f"timing {len(runners)} model(s)", leave=False,
+                       bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s")
+
+        last = [0.0]
+
+        def on_round(elapsed: float) -> None:
+            # refresh at most 5 times a second: the bar must not perturb what it reports
+            if bar is not None and elapsed - last[0] >= 0.2:
+                last[0] = elapsed
+                bar.n = min(elapsed, bar.total)
+                bar.refresh()
+
+        samples = interleaved_rounds(
+            [r.time_once for r in runners], warmup_ms=settings.warmup_ms,
+            min_iterations=settings.min_iterations, min_duration_s=settings.min_duration_s, on_round=on_round,
+        )
+        if bar is not None:
+            bar.close()
+
+        models = []
+        warnings_: list[str] = []
+        for i, (r, (specs, feeds), s) in enumerate(zip(runners, feeds_per_model, samples)):
+            batch = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
+            stats = summarize(s, batch=batch)
+            entry = {
+                "path": str(r.model_path),
+                "name": r.model_path.name,
+                "backend": r.backend,
+                "inputs": [{"name": sp.name, "shape": list(feeds[sp.name].shape), "dtype": str(feeds[sp.name].dtype)}
+                           for sp in specs],
+                "batch": batch,
+                "latency_ms": {k: stats[k] for k in ("min", "mean", "median", "p90", "p95", "p99", "max", "std")},
+                "cv": stats["cv"],
+                "noisy": stats["noisy"],
+                "throughput_per_s": stats["throughput_per_s"],
+                "iterations": stats["n"],
+                "ratio_to_first": ratio_stats(s, samples[0]),
+                "backend_details": r.describe(),
+            }
+            if keep_samples:
+                entry["samples_ms"] = s
+            if stats["noisy"]:
+                warnings_.append(
+                    f"{r.model_path.name}: coefficient of variation {100 * stats['cv']:.1f} % > "
+                    f"{100 * NOISY_CV:.1f} %: the machine is noisy, compare ratios rather than absolute times"
+                )
+            models.append(entry)
+        return {
+            "schema": SCHEMA,
+            "settings": {**asdict(settings), "shapes": {k: [list(x) for x in v] for k, v in (settings.shapes or {}).items()},
+                         "backend": runners[0].backend, "interleaved": len(runners) > 1,
+                         "percentile_rule": "sorted[max(n - 1 - int((1 - p/100) * n), 0)]"},
+            "rounds": len(samples[0]),
+            "environment": collect_environment([m["backend_details"] for m in models]),
+            "models": models,
+            "warnings": warnings_,
+        }
+    finally:
+        for r in runners:
+            r.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Presentation
+# ------------------------------------------------------------------------------------------
+def print_table(report: Mapping[str, Any], console=None) -> None:
+    """A rich table: one row per model, latency columns in ms, ratio to the first model."""
+    from rich.console import Console
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or Console(highlight=False)
+    if not console.is_terminal:  # piped/CI logs: do not squeeze the table into 80 columns
+        console = Console(file=console.file, highlight=False, width=max(console.width, 160))
+    env = report["environment"]
+    first = report["models"][0]["backend_details"]
+    threads = first.get("intra_op_threads")
+    title = (f"{report['settings']['backend']} | {env['cpu_model']} ({env['cpu_usable']} usable cores"
+             + (f", {threads} threads" if threads else "") + ")"
+             + (f" | {env['gpu_name']}" if env.get("gpu_name") else "")
+             + f" | {report['rounds']} rounds" + (" interleaved" if report['settings']['interleaved'] else ""))
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("model")
+    for col in ("min", "median", "mean", "p90", "p95", "p99", "max"):
+        table.add_column(f"{col} ms", justify="right")
+    table.add_column("CV", justify="right")
+    table.add_column("inf/s", justify="right")
+    table.add_column("ratio (min-max)", justify="right")
+    for m in report["models"]:
+        lat, ratio = m["latency_ms"], m["ratio_to_first"]
+        table.add_row(
+            escape(m["name"]), *(f"{lat[c]:.3f}" for c in ("min", "median", "mean", "p90", "p95", "p99", "max")),
+            f"{100 * m['cv']:.1f}%", f"{m['throughput_per_s']:.1f}",
+            f"{ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f})",
+        )
+    console.print(table)
+    for w in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
+
+
+def save_latency_plot(report: Mapping[str, Any], png_path: str | Path) -> Path:
+    """Latency distribution per model (histogram) and per-round ratio to the first (PNG, atomic)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from egp_deploy.io_utils import atomic_path
+
+    models = [m for m in report["models"] if m.get("samples_ms")]
+    if not models:
+        raise UsageError("the report holds no samples to plot")
+    fig, axes = plt.subplots(1, 2 if len(models) > 1 else 1, figsize=(11 if len(models) > 1 else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    for m in models:
+        ax.hist(m["samples_ms"], bins=50, alpha=0.6, label=f"{m['name']} (median {m['latency_ms']['median']:.3f} ms)")
+    ax.set_xlabel("latency per iteration [ms]")
+    ax.set_ylabel("iterations")
+    ax.set_title(f"latency distribution ({report['settings']['backend']})")
+    ax.legend(fontsize=8)
+    if len(models) > 1:
+        ax2 = axes[0][1]
+        ref = models[0]["samples_ms"]
+        for m in models[1:]:
+            ax2.plot([a / b for a, b in zip(m["samples_ms"], ref)], ".", ms=2, label=f"{m['name']} / {models[0]['name']}")
+        ax2.axhline(1.0, color="grey", lw=0.8)
+        ax2.set_xlabel("round")
+        ax2.set_ylabel("latency ratio to the first model")
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return png_path

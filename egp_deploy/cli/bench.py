@@ -1,0 +1,85 @@
+"""egp-bench: latency of one or more models side by side (interleaved), trtexec conventions."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from egp_deploy.cli._common import console, new_app, run_app, stdout
+
+app = new_app(
+    "Latency of one or more models on one backend, interleaved A B A B ... so they see the same "
+    "machine state. Warm-up by time, then at least --iterations AND at least --duration seconds; "
+    "prints min/median/mean/p90/p95/p99/max, throughput and each model's ratio to the FIRST "
+    "(median over rounds, with min-max). Inputs are random (never zeros), drawn once."
+)
+
+def markup_safe_errors(func: Callable) -> Callable:
+    """Escape rich markup in EgpError messages: run_app prints them through rich, which would
+    swallow text like ``egp-deploy[gpu]`` (the extra to install) as a markup tag."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from rich.markup import escape
+
+        from egp_deploy.errors import EgpError
+
+        try:
+            return func(*args, **kwargs)
+        except EgpError as e:
+            raise type(e)(escape(str(e))) from None
+
+    return wrapper
+
+
+BACKEND_HELP = (
+    "auto (ort-cpu for .onnx, trt for .engine/.plan, torch-cpu for .pt), ort-cpu, ort-cuda, ort-trt, "
+    "trt, torch-cpu, torch-cuda"
+)
+
+
+@app.command()
+@markup_safe_errors
+def bench(
+    models: list[Path] = typer.Argument(..., help="Models to compare (.onnx, .engine, model.pt); the first is the reference of the ratio.", show_default=False),
+    backend: str = typer.Option("auto", "--backend", "-b", help=BACKEND_HELP),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Batch size for a dynamic batch dimension (default: the model's static batch, else 1)."),
+    shapes: Optional[str] = typer.Option(None, "--shapes", help="Input shapes, trtexec style: NAME:1x3x32x32, several separated by commas; overrides --batch for those inputs."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU intra-op threads (default: all usable cores); reported in the JSON."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (ort-trt: fp16 kernels; torch-cuda: .half(); ONNX/engines: their own types)."),
+    include_copies: bool = typer.Option(False, "--include-copies/--exclude-copies", help="GPU backends: time host<->device copies too (default excludes them, like trtexec)."),
+    warmup_ms: float = typer.Option(200.0, "--warmup-ms", help="Warm-up time per model in ms."),
+    iterations: int = typer.Option(10, "--iterations", help="At least this many timed iterations per model."),
+    duration: float = typer.Option(3.0, "--duration", help="At least this many seconds of timed rounds."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random inputs."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report (environment, stats, samples) here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the latency distribution (and ratios) here."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+) -> None:
+    from egp_deploy.bench import BenchSettings, benchmark_models, print_table, save_latency_plot
+    from egp_deploy.io_utils import write_json_atomic
+    from egp_deploy.runners import parse_shapes
+
+    settings = BenchSettings(
+        warmup_ms=warmup_ms, min_iterations=iterations, min_duration_s=duration, batch=batch,
+        shapes=parse_shapes(shapes), threads=threads, precision=precision, include_copies=include_copies, seed=seed,
+    )
+    report = benchmark_models(models, backend, settings, progress=progress)
+    print_table(report, stdout)
+    if json_out:
+        write_json_atomic(json_out, report)
+        console.print(f"report: {json_out}")
+    if plot:
+        save_latency_plot(report, plot)
+        console.print(f"plot: {plot}")
+
+
+def main() -> None:
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()

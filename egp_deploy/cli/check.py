@@ -1,0 +1,114 @@
+"""egp-check: the latency gate. Exit 0 within budget, 1 over budget, 2 could not measure."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from egp_deploy.cli._common import console, new_app, run_app, stdout
+
+EXIT_PASS, EXIT_OVER, EXIT_UNMEASURED = 0, 1, 2
+SCHEMA = "egp-deploy-check/1"
+
+app = new_app(
+    "Latency gate for CI and edge devices: measure MODEL (trtexec conventions, see egp-bench) and "
+    "compare the --percentile latency with --budget-ms. Exit 0 within budget, 1 over budget, "
+    "2 could not measure (bad input, missing backend, no GPU, ...), saying which."
+)
+
+
+def _environment_or_error() -> dict[str, Any]:
+    try:
+        from egp_deploy.bench import collect_environment
+
+        return collect_environment()
+    except Exception as e:  # noqa: BLE001 - the report must still be written
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+@app.command()
+def check(
+    model: Path = typer.Argument(..., help="Model to gate (.onnx, .engine/.plan, model.pt).", show_default=False),
+    budget_ms: float = typer.Option(..., "--budget-ms", help="Latency budget in milliseconds.", show_default=False),
+    percentile: float = typer.Option(99.0, "--percentile", help="Which latency percentile must fit the budget (50 = median)."),
+    backend: str = typer.Option("auto", "--backend", "-b", help="auto (ort-cpu for .onnx, trt for engines, torch-cpu for .pt), ort-cpu, ort-cuda, ort-trt, trt, torch-cpu, torch-cuda."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Batch size for a dynamic batch dimension (default: static batch, else 1)."),
+    shapes: Optional[str] = typer.Option(None, "--shapes", help="Input shapes NAME:1x3x32x32, several separated by commas."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU intra-op threads (default: all usable cores)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (see egp-bench)."),
+    include_copies: bool = typer.Option(False, "--include-copies/--exclude-copies", help="GPU: include host<->device copies in the timing."),
+    warmup_ms: float = typer.Option(200.0, "--warmup-ms", help="Warm-up time in ms."),
+    iterations: int = typer.Option(10, "--iterations", help="At least this many timed iterations."),
+    duration: float = typer.Option(3.0, "--duration", help="At least this many seconds of timing."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the verdict, measurement and environment here (also when it could not measure)."),
+) -> None:
+    from egp_deploy.io_utils import write_json_atomic
+
+    report: dict[str, Any] = {
+        "schema": SCHEMA, "model": str(model), "budget_ms": budget_ms, "percentile": percentile,
+        "backend": backend,
+    }
+    try:
+        from egp_deploy.bench import BenchSettings, benchmark_models, percentile as pct
+        from egp_deploy.errors import UsageError
+        from egp_deploy.runners import parse_shapes
+
+        if not (math.isfinite(budget_ms) and budget_ms > 0):
+            raise UsageError(f"--budget-ms must be a positive number, got {budget_ms}")
+        if not 0 < percentile <= 100:
+            raise UsageError(f"--percentile must be in (0, 100], got {percentile}")
+        settings = BenchSettings(
+            warmup_ms=warmup_ms, min_iterations=iterations, min_duration_s=duration, batch=batch,
+            shapes=parse_shapes(shapes), threads=threads, precision=precision, include_copies=include_copies,
+        )
+        bench = benchmark_models([model], backend, settings, progress=False)
+        entry = bench["models"][0]
+        measured = pct(sorted(entry["samples_ms"]), percentile)
+        within = measured <= budget_ms
+        code = EXIT_PASS if within else EXIT_OVER
+        label = f"p{percentile:g}"
+        message = (
+            f"{'PASS' if within else 'FAIL'}: {label} latency {measured:.4f} ms "
+            f"{'<=' if within else '>'} budget {budget_ms:g} ms ({model.name}, {entry['backend']}, "
+            f"{entry['iterations']} iterations, median {entry['latency_ms']['median']:.4f} ms)"
+        )
+        report.update(
+            verdict="pass" if within else "over_budget", exit_code=code, measured_ms=measured,
+            backend=entry["backend"], message=message, latency_ms=entry["latency_ms"],
+            iterations=entry["iterations"], cv=entry["cv"], noisy=entry["noisy"], inputs=entry["inputs"],
+            settings=bench["settings"], environment=bench["environment"], warnings=bench["warnings"],
+        )
+    except Exception as e:  # noqa: BLE001 - ANY failure means "could not measure" (exit 2), never 1
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        kind = type(e).__name__
+        code = EXIT_UNMEASURED
+        message = f"could not measure ({kind}): {first}"
+        report.update(verdict="could_not_measure", exit_code=code, error=kind, message=message,
+                      environment=_environment_or_error())
+    if json_out:
+        try:
+            write_json_atomic(json_out, report)
+        except OSError as e:
+            console.print(f"[bold red]error:[/] cannot write {json_out}: {e}")
+            raise typer.Exit(EXIT_UNMEASURED) from None
+    from rich.markup import escape
+
+    if code == EXIT_UNMEASURED:
+        console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    else:
+        stdout.print(escape(message), soft_wrap=True)
+        for w in report.get("warnings", []):
+            console.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    # anything that escapes the command (e.g. an unexpected error outside it) is "could not measure"
+    run_app(app, error_exit=lambda e: EXIT_UNMEASURED)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""egp-surgery: strip collapsed layers from an ONNX graph, verified against the input graph."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+
+from egp_deploy.cli._common import console, new_app, run_app, stdout
+from egp_deploy.errors import DataError, InputFileError, UsageError
+
+app = new_app(
+    "Graph surgery on an ONNX model: fold BN/constants/identities, measure the graph's own activation "
+    "states on calibration data, strip always-linear activations, eliminate dead channels and constant "
+    "layers, merge linear chains where exact; verify against the input and write only if it matches."
+)
+
+
+def _load_model(path: Path):
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    if not path.is_file():
+        raise InputFileError(f"ONNX file not found: {path}")
+    try:
+        model = onnx.load(str(path))
+    except (DecodeError, ValueError, RuntimeError, OSError) as e:
+        raise InputFileError(f"{path} is not a readable ONNX model ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else 'truncated or not protobuf'})") from None
+    except Exception as e:  # protobuf's C++ parser raises its own types
+        raise InputFileError(f"{path} is not a readable ONNX model ({type(e).__name__})") from None
+    if not model.graph.node:
+        raise InputFileError(f"{path} is not an ONNX model (no graph nodes)")
+    return model
+
+
+def _input_shape(model) -> tuple[list[int | None], str]:
+    init = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in init]
+    if len(inputs) != 1:
+        raise DataError(f"the model has {len(inputs)} inputs; egp-surgery supports exactly one")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    return dims, inputs[0].name
+
+
+def load_samples(spec: str, model, n: int, split: str, seed: int) -> np.ndarray:
+    """Samples from a data spec (digits | cifar10:DIR | folder:DIR | plugin:mod:func), a .npy file,
+    or 'random' (standard normal in the model's input shape)."""
+    dims, name = _input_shape(model)
+    if spec == "random":
+        if any(d is None for d in dims[1:]):
+            raise DataError(f"random calibration needs a static input shape; {name!r} is {dims}: "
+                            "pass --calibration with real data")
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal([n] + [int(d) for d in dims[1:]]).astype(np.float32)
+    if spec.endswith(".npy"):
+        path = Path(spec)
+        if not path.is_file():
+            raise DataError(f"calibration file not found: {path}")
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise DataError(f"cannot read {path} as a .npy array: {type(e).__name__}: {e}") from None
+        return arr[:n]
+    from egp_deploy.data import calibration_batch, load_data
+
+    size = dims[2] if len(dims) == 4 and isinstance(dims[2], int) else None
+    chans = dims[1] if len(dims) == 4 and isinstance(dims[1], int) else None
+    bundle = load_data(spec, image_size=size, channels=chans)
+    return calibration_batch(bundle, n, split).numpy()
+
+
+@app.command()
+def surgery(
+    input: Path = typer.Argument(..., help="ONNX model to rewrite."),
+    output: Path = typer.Argument(..., help="Where to write the rewritten model (never the input)."),
+    calibration: Optional[str] = typer.Option(
+        None, "--calibration", "-c",
+        help="Calibration inputs: digits | cifar10:DIR | folder:DIR | plugin:mod:func (its val split) | "
+             "file.npy (N, C, H, W) | random. Default: random normal, with a warning."),
+    held_out: Optional[str] = typer.Option(
+        None, "--held-out",
+        help="Held-out inputs for verification (same forms). Default: the test split of a data set "
+             "given as --calibration, otherwise fresh random normal inputs."),
+    samples: int = typer.Option(256, "--samples", "-n", min=1, help="Calibration samples."),
+    held_out_samples: int = typer.Option(256, "--held-out-samples", min=1, help="Held-out samples."),
+    tolerance: float = typer.Option(1e-5, help="Max relative error max|y'-y|/max|y| of exact rewrites."),
+    max_mac_growth: float = typer.Option(1.0, help="A merge may cost at most this factor x the MACs of the pair."),
+    allow_inexact_merge: bool = typer.Option(
+        False, help="Also merge k x k + k x k convs (wrong near the border; the error is reported)."),
+    strip: bool = typer.Option(True, help="Strip activations found always linear on calibration data (data-dependent)."),
+    min_agreement: float = typer.Option(
+        0.99, help="Held-out top-1 agreement the data-dependent strips must keep, else they are reverted."),
+    batch_size: int = typer.Option(32, min=1, help="Inference batch size for measurement and verification."),
+    threads: int = typer.Option(0, min=0, help="onnxruntime intra-op threads (0: onnxruntime's default)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a before/after PNG here."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No table, no progress bar."),
+) -> None:
+    """Rewrite INPUT into a shallower, narrower graph and write it to OUTPUT after verification."""
+    from egp_deploy.io_utils import write_bytes_atomic, write_json_atomic
+    from egp_deploy.surgery import SurgeryOptions, optimize
+    from egp_deploy.surgery.report import print_report, save_report_plot
+
+    outs = [output] + [p for p in (report, plot) if p is not None]
+    for p in outs:
+        if p.resolve() == input.resolve():
+            raise UsageError(f"output path {p} is the input file; choose another path")
+    if len({p.resolve() for p in outs}) != len(outs):
+        raise UsageError("the model, --report and --plot paths must differ")
+    if output.exists() and output.is_dir():
+        raise UsageError(f"output path {output} is a directory")
+    model = _load_model(input)
+    if calibration is None:
+        console.print("[yellow]warning:[/] no --calibration given: using random normal inputs. Activation "
+                      "statistics of random inputs say little about real data; only exact rewrites can be trusted.")
+        calibration = "random"
+    cal = load_samples(calibration, model, samples, "val", seed=0)
+    if held_out is None:
+        if calibration == "random" or calibration.endswith(".npy"):
+            held_spec, split = "random", "test"
+        else:
+            held_spec, split = calibration, "test"
+    else:
+        held_spec, split = held_out, "test"
+    held = load_samples(held_spec, model, held_out_samples, split, seed=1) if not (
+        held_spec == "random" and any(d is None for d in _input_shape(model)[0][1:])) else None
+    options = SurgeryOptions(
+        tolerance=tolerance, max_mac_growth=max_mac_growth, allow_inexact_merge=allow_inexact_merge,
+        strip_activations=strip, min_held_out_agreement=min_agreement, batch_size=batch_size,
+        threads=threads, progress=not quiet,
+    )
+    result = optimize(model, cal, held, options)
+    result.report["files"] = {"input": os.fspath(input), "output": os.fspath(output),
+                              "calibration": calibration, "held_out": held_spec if held is not None else None}
+    write_bytes_atomic(output, result.model.SerializeToString())
+    if report is not None:
+        write_json_atomic(report, result.report)
+    if plot is not None:
+        save_report_plot(result.report, plot)
+    if not quiet:
+        print_report(result.report, stdout)
+        stdout.print(f"wrote {output}" + (f", {report}" if report else "") + (f", {plot}" if plot else ""))
+
+
+def main() -> None:
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()

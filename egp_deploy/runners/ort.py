@@ -1,0 +1,211 @@
+"""onnxruntime runners: CPU (explicit thread counts), CUDA and TensorRT execution providers.
+
+GPU providers are detected by creating a session and reading ``session.get_providers()``:
+``get_available_providers()`` lists CUDA even when its libraries cannot load.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from egp_deploy.errors import BackendUnavailableError, DataError, InputFileError, UsageError
+from egp_deploy.runners.base import Runner, TensorSpec
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+# provider wanted by each backend, and the extra that installs it
+_PROVIDERS = {
+    "ort-cpu": ("CPUExecutionProvider", "cpu"),
+    "ort-cuda": ("CUDAExecutionProvider", "gpu"),
+    "ort-trt": ("TensorrtExecutionProvider", "gpu"),
+}
+
+
+def import_onnxruntime(extra: str = "cpu"):
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendUnavailableError(
+            f"onnxruntime is not installed: pip install 'egp-deploy[{extra}]'"
+        ) from None
+    return onnxruntime
+
+
+def default_threads() -> int:
+    """Cores this process may use (affinity-aware), the intra-op default we report."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class OrtRunner(Runner):
+    """onnxruntime on CPU, CUDA or TensorRT EP.
+
+    options: threads (intra-op, default: usable cores), inter_op_threads (default 1),
+    include_copies (GPU providers: time host<->device copies too), precision ("fp16" turns on
+    the TensorRT EP's fp16 mode; for CPU/CUDA fp16 means an fp16 ONNX), device_id, trt_cache_dir.
+    """
+
+    def __init__(self, model_path: str | Path, backend: str = "ort-cpu", **options: Any) -> None:
+        super().__init__(model_path, **options)
+        if backend not in _PROVIDERS:
+            raise UsageError(f"unknown onnxruntime backend {backend!r}; choose one of {sorted(_PROVIDERS)}")
+        self.backend = backend
+        self.threads = int(options.get("threads") or default_threads())
+        self.inter_op_threads = int(options.get("inter_op_threads") or 1)
+        self.include_copies = bool(options.get("include_copies", False))
+        self.precision = options.get("precision") or "fp32"
+        self.device_id = int(options.get("device_id") or 0)
+        self.session = None
+        self._binding = None
+        self._feeds: dict[str, np.ndarray] | None = None
+        if backend != "ort-cpu":
+            self.timing_note = (
+                "host wall clock around run(); includes host<->device copies"
+                if self.include_copies
+                else "host wall clock around run_with_iobinding() on device-resident inputs/outputs"
+            )
+        else:
+            self.timing_note = "host wall clock around session.run()"
+
+    def _provider_list(self) -> list:
+        if self.backend == "ort-cpu":
+            return ["CPUExecutionProvider"]
+        cuda = ("CUDAExecutionProvider", {"device_id": self.device_id})
+        if self.backend == "ort-cuda":
+            return [cuda, "CPUExecutionProvider"]
+        cache = Path(self.options.get("trt_cache_dir") or self.model_path.parent / ".ort_trt_cache")
+        trt_opts = {
+            "device_id": self.device_id,
+            "trt_fp16_enable": self.precision == "fp16",
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(cache),
+        }
+        return [("TensorrtExecutionProvider", trt_opts), cuda, "CPUExecutionProvider"]
+
+    def _load(self) -> None:
+        wanted, extra = _PROVIDERS[self.backend]
+        ort = import_onnxruntime(extra)
+        if not self.model_path.is_file():
+            raise InputFileError(f"model not found: {self.model_path}")
+        if self.backend != "ort-cpu" and hasattr(ort, "preload_dlls"):
+            try:  # CUDA/cuDNN from torch's nvidia-* wheels, when present (onnxruntime-gpu >= 1.21)
+                ort.preload_dlls()
+            except Exception:  # noqa: BLE001 - best effort; the provider check below decides
+                pass
+        ort.set_default_logger_severity(3)  # provider fallbacks become our own one-line message
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = self.inter_op_threads
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3  # errors only: the fallback warning is turned into our own message
+        try:
+            self.session = self._session(ort, so, self._provider_list())
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for bad files
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if self.backend != "ort-cpu":
+                try:  # the model loads on CPU: it is the GPU provider that failed, not the file
+                    self._session(ort, so, ["CPUExecutionProvider"])
+                except Exception:  # noqa: BLE001
+                    pass
+                else:
+                    raise BackendUnavailableError(
+                        f"backend {self.backend}: {wanted} failed to start ({msg[:160]}); it needs onnxruntime-gpu "
+                        f"and a working CUDA GPU: pip install 'egp-deploy[{extra}]'"
+                    ) from None
+            raise InputFileError(f"onnxruntime cannot load {self.model_path}: {msg[:200]}") from None
+        got = self.session.get_providers()
+        if wanted not in got:
+            gpu = "onnxruntime-gpu with a working CUDA GPU"
+            raise BackendUnavailableError(
+                f"backend {self.backend}: onnxruntime did not give {wanted} (session got {got}); it needs "
+                f"{gpu}: pip install 'egp-deploy[{extra}]' (uninstall the plain onnxruntime first)"
+            )
+
+    def _session(self, ort, so, providers):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Specified provider ... is not in available provider names"
+            return ort.InferenceSession(str(self.model_path), so, providers=providers)
+
+    def close(self) -> None:
+        self.session = None
+        self._binding = None
+
+    def input_specs(self) -> list[TensorSpec]:
+        self.load()
+        specs = []
+        for i in self.session.get_inputs():
+            dtype = _ORT_TYPES.get(i.type)
+            if dtype is None:
+                raise UsageError(f"input {i.name!r} has type {i.type}, not supported for benchmarking")
+            shape = tuple(d if isinstance(d, int) and d > 0 else None for d in i.shape)
+            specs.append(TensorSpec(i.name, shape, np.dtype(dtype)))
+        return specs
+
+    def output_names(self) -> list[str]:
+        self.load()
+        return [o.name for o in self.session.get_outputs()]
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        ort = import_onnxruntime()
+        d.update(
+            onnxruntime=ort.__version__,
+            providers=self.session.get_providers() if self.session else None,
+            intra_op_threads=self.threads,
+            inter_op_threads=self.inter_op_threads,
+            precision=self.precision,
+        )
+        if self.backend != "ort-cpu":
+            d["include_copies"] = self.include_copies
+        return d
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.load()
+        self._check_feeds(feeds)
+        try:
+            outs = self.session.run(None, dict(feeds))
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"onnxruntime failed on {self.model_path.name}: {str(e).strip().splitlines()[0][:200]}") from None
+        return dict(zip(self.output_names(), outs))
+
+    def prepare(self, feeds: Mapping[str, np.ndarray]) -> None:
+        self.infer(feeds)  # validates shapes once, with a clear error, outside the timed loop
+        self._feeds = dict(feeds)
+        if self.backend != "ort-cpu" and not self.include_copies:
+            ort = import_onnxruntime("gpu")
+            binding = self.session.io_binding()
+            for name, arr in feeds.items():
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr, "cuda", self.device_id))
+            for name in self.output_names():
+                binding.bind_output(name, "cuda", self.device_id)
+            self._binding = binding
+
+    def time_once(self) -> float:
+        if self._feeds is None:
+            raise UsageError("prepare() must be called before time_once()")
+        if self._binding is not None:
+            t0 = time.perf_counter()
+            self.session.run_with_iobinding(self._binding)
+            self._binding.synchronize_outputs()
+            return (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        self.session.run(None, self._feeds)
+        return (time.perf_counter() - t0) * 1e3

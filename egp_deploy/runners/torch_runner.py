@@ -1,0 +1,171 @@
+"""PyTorch eager runner for a ``model.pt`` checkpoint: the "before export" reference, CPU or CUDA.
+
+On CUDA the timed iteration replays a CUDA graph when capture works (falls back to eager when
+it does not) and is timed with CUDA events; host<->device copies are excluded unless asked for.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from egp_deploy.errors import BackendUnavailableError, DataError, UsageError
+from egp_deploy.runners.base import Runner, TensorSpec
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+def require_cuda(backend: str):
+    """torch with a usable CUDA device, or BackendUnavailableError saying what is missing."""
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise BackendUnavailableError(f"backend {backend} needs a CUDA GPU: {why} (torch {torch.__version__})")
+    return torch
+
+
+class TorchRunner(Runner):
+    """options: device ("cpu"/"cuda"), threads (CPU intra-op), precision ("fp16" only on CUDA),
+    include_copies, cuda_graph (default True)."""
+
+    def __init__(self, model_path: str | Path, backend: str = "torch-cpu", **options: Any) -> None:
+        super().__init__(model_path, **options)
+        if backend not in ("torch-cpu", "torch-cuda"):
+            raise UsageError(f"unknown torch backend {backend!r}")
+        self.backend = backend
+        self.device = "cuda" if backend == "torch-cuda" else "cpu"
+        self.threads = options.get("threads")
+        self.precision = options.get("precision") or "fp32"
+        self.include_copies = bool(options.get("include_copies", False))
+        self.use_cuda_graph = bool(options.get("cuda_graph", True)) and self.device == "cuda"
+        if self.precision not in ("fp32", "fp16"):
+            raise UsageError(f"precision {self.precision!r}: torch runner supports fp32 and fp16")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise UsageError("precision fp16 needs --backend torch-cuda (CPU eager runs fp32)")
+        self.model = None
+        self.ckpt = None
+        self.graph_status = "not used"
+        self._prepared = None
+        if self.device == "cuda":
+            self.timing_note = "CUDA events around one forward" + (
+                " including host<->device copies" if self.include_copies else " (device-resident input/output)"
+            )
+        else:
+            self.timing_note = "host wall clock around one forward (torch.inference_mode)"
+
+    def _load(self) -> None:
+        import torch
+
+        from egp_deploy.checkpoint import load_checkpoint
+
+        if self.device == "cuda":
+            require_cuda(self.backend)
+        if self.threads:
+            torch.set_num_threads(int(self.threads))
+        self.ckpt = load_checkpoint(self.model_path)
+        model = self.ckpt.build_model().to(self.device)
+        if self.precision == "fp16":
+            model = model.half()
+        self.model = model.eval()
+
+    def close(self) -> None:
+        self.model = None
+        self._prepared = None
+
+    def input_specs(self) -> list[TensorSpec]:
+        self.load()
+        dtype = np.float16 if self.precision == "fp16" else np.float32
+        return [TensorSpec(INPUT_NAME, (None, *self.ckpt.input_shape), np.dtype(dtype))]
+
+    def output_names(self) -> list[str]:
+        return [OUTPUT_NAME]
+
+    def describe(self) -> dict[str, Any]:
+        import torch
+
+        d = super().describe()
+        d.update(torch=torch.__version__, device=self.device, precision=self.precision,
+                 intra_op_threads=torch.get_num_threads())
+        if self.device == "cuda":
+            d.update(cuda_graph=self.graph_status, include_copies=self.include_copies,
+                     gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+        return d
+
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        self.load()
+        self._check_feeds(feeds)
+        x = torch.from_numpy(np.ascontiguousarray(feeds[INPUT_NAME])).to(self.device)
+        try:
+            with torch.inference_mode():
+                y = self.model(x)
+        except RuntimeError as e:
+            raise DataError(f"torch forward failed: {str(e).strip().splitlines()[0][:200]}") from None
+        return {OUTPUT_NAME: y.float().cpu().numpy()}
+
+    def prepare(self, feeds: Mapping[str, np.ndarray]) -> None:
+        import torch
+
+        self.infer(feeds)
+        host = torch.from_numpy(np.ascontiguousarray(feeds[INPUT_NAME]))
+        if self.device == "cpu":
+            self._prepared = {"x": host}
+            return
+        host = host.pin_memory()
+        x = host.to(self.device)
+        stream = torch.cuda.Stream()
+        state = {"host": host, "x": x, "stream": stream, "graph": None,
+                 "start": torch.cuda.Event(enable_timing=True), "end": torch.cuda.Event(enable_timing=True)}
+        with torch.inference_mode():
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up on the side stream, as graph capture requires
+                for _ in range(3):
+                    state["y"] = self.model(x)
+            torch.cuda.current_stream().wait_stream(stream)
+            torch.cuda.synchronize()
+            self.graph_status = "eager"
+            if self.use_cuda_graph:
+                try:
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, stream=stream):
+                        state["y"] = self.model(x)
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    state["graph"] = graph
+                    self.graph_status = "captured"
+                except Exception as e:  # noqa: BLE001 - any capture failure falls back to eager
+                    self.graph_status = f"eager (capture failed: {type(e).__name__})"
+                    torch.cuda.synchronize()
+        self._prepared = state
+
+    def time_once(self) -> float:
+        import torch
+
+        p = self._prepared
+        if p is None:
+            raise UsageError("prepare() must be called before time_once()")
+        if self.device == "cpu":
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                self.model(p["x"])
+                return (time.perf_counter() - t0) * 1e3
+        stream = p["stream"]
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            p["start"].record(stream)
+            if self.include_copies:
+                p["x"].copy_(p["host"], non_blocking=True)
+            if p["graph"] is not None:
+                p["graph"].replay()
+            else:
+                p["y"] = self.model(p["x"])
+            if self.include_copies:
+                p["y"].to("cpu", non_blocking=False)
+            p["end"].record(stream)
+        p["end"].synchronize()
+        return float(p["start"].elapsed_time(p["end"]))

@@ -1,0 +1,170 @@
+"""The surgery report: a JSON-able dict, a terminal table (rich) and a before/after PNG."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+import onnx
+
+METRIC_ROWS = [  # (key in graph_metrics, label)
+    ("nodes", "nodes"),
+    ("conv_gemm_layers", "conv/gemm layers"),
+    ("activations", "activations"),
+    ("longest_path", "longest path (conv/gemm layers)"),
+    ("params", "parameters"),
+    ("params_nonzero", "parameters (nonzero)"),
+    ("macs", "MACs (dense)"),
+    ("macs_nonzero", "MACs (nonzero weights)"),
+    ("file_bytes", "file size (bytes)"),
+]
+
+
+def module_name_from_node(node_name: str) -> str | None:
+    """'/layer2/layer2.0/downsample/downsample.0/Conv' -> 'layer2.0.downsample.0' (torch legacy
+    exporter scopes: each scope is named relative to its parent's own scope name)."""
+    if not node_name.startswith("/"):
+        return None
+    parts = [p for p in node_name.split("/") if p][:-1]
+    current = ""
+    for comp in parts:
+        head = comp.split(".")[0]
+        if current and "." in comp and head == current.split(".")[-1]:
+            base = current.rsplit(".", 1)[0] if "." in current else ""
+            current = f"{base}.{comp}" if base else comp
+        else:
+            current = f"{current}.{comp}" if current else comp
+    return current or None
+
+
+def module_namer(model: onnx.ModelProto) -> Callable[[str], str | None]:
+    """node name -> PyTorch module name, from metadata 'egp.node_modules' when present, else parsed."""
+    mapping: dict[str, str] = {}
+    for prop in model.metadata_props:
+        if prop.key == "egp.node_modules":
+            try:
+                mapping = {str(k): str(v) for k, v in json.loads(prop.value).items()}
+            except (ValueError, AttributeError):
+                mapping = {}
+
+    def name_of(node: str) -> str | None:
+        return mapping.get(node) or module_name_from_node(node)
+
+    return name_of
+
+
+def _metric(metrics: dict[str, Any], key: str) -> Any:
+    aliases = {
+        "conv_gemm_layers": ("conv_gemm_layers", "layers", "conv_layers"),
+        "params": ("params", "parameters", "params_all"),
+        "params_nonzero": ("params_nonzero", "parameters_nonzero", "nonzero_params"),
+        "macs": ("macs_dense", "macs"),
+        "macs_nonzero": ("macs_nonzero", "macs_sparse"),
+        "file_bytes": ("file_size_bytes", "file_bytes", "file_size"),
+        "longest_path": ("longest_path_layers", "longest_path", "depth"),
+    }.get(key, (key,))
+    for k in aliases:
+        if k in metrics:
+            return metrics[k]
+    return None
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, int) and abs(v) >= 10000:
+        return f"{v:,}"
+    return str(v)
+
+
+def print_report(report: dict[str, Any], console=None) -> None:
+    """Before/after table, what was removed, and the verification verdict."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    before, after = report.get("before", {}), report.get("after", {})
+    table = Table(title="graph surgery", show_lines=False)
+    for col in ("metric", "before", "after", "change"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for key, label in METRIC_ROWS:
+        b, a = _metric(before, key), _metric(after, key)
+        change = "-"
+        if isinstance(b, (int, float)) and isinstance(a, (int, float)) and b:
+            change = f"{(a - b) / b * 100:+.1f} %"
+        table.add_row(label, _fmt(b), _fmt(a), change)
+    console.print(table)
+    lists = report.get("changes", {})
+    for key, title in (("stripped", "activations stripped (data-dependent)"),
+                       ("constant_layers", "constant layers folded"),
+                       ("dead_channels", "channel groups narrowed"),
+                       ("merged", "linear layers merged")):
+        items = lists.get(key, [])
+        if not items:
+            continue
+        console.print(f"[bold]{title}:[/] {len(items)}")
+        for it in items[:12]:
+            console.print("  " + _describe(key, it), soft_wrap=True)
+        if len(items) > 12:
+            console.print(f"  ... and {len(items) - 12} more (see the JSON report)")
+    v = report.get("verification", {})
+    for split in ("calibration", "held_out"):
+        r = v.get(split)
+        if r:
+            top1 = "-" if r.get("top1_agreement") is None else f"{r['top1_agreement'] * 100:.2f} %"
+            console.print(f"verification on {split} ({r.get('samples')} samples): rel. error "
+                          f"{r.get('rel_error'):.2e}, top-1 agreement {top1}")
+    if v.get("note"):
+        console.print(f"[yellow]{v['note']}[/]")
+
+
+def _describe(key: str, it: dict[str, Any]) -> str:
+    if key == "stripped":
+        return f"{it.get('module') or it['node']} ({it['op']}): {it['action']}"
+    if key == "constant_layers":
+        mods = it.get("folded_modules") or []
+        return f"{it.get('module') or it['producer']} -> constant; folded: {', '.join(mods)}"
+    if key == "dead_channels":
+        return (f"{', '.join(it['modules'])}: {it['channels_before']} -> {it['channels_after']} channels "
+                f"({it['constant']} constant, {it['unused']} unused)")
+    if key == "merged":
+        return f"{' + '.join(it['modules'])}: {it['kind']}"
+    return json.dumps(it)
+
+
+def save_report_plot(report: dict[str, Any], path) -> None:
+    """Grouped bars: each metric after surgery as a share of before (PNG, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from egp_deploy.io_utils import atomic_path
+
+    before, after = report.get("before", {}), report.get("after", {})
+    labels, ratios, texts = [], [], []
+    for key, label in METRIC_ROWS:
+        b, a = _metric(before, key), _metric(after, key)
+        if isinstance(b, (int, float)) and isinstance(a, (int, float)) and b:
+            labels.append(label)
+            ratios.append(a / b)
+            texts.append(f"{_fmt(b)} -> {_fmt(a)}")
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(labels) + 1.5))
+    y = range(len(labels))
+    ax.barh(list(y), [1.0] * len(labels), color="#cccccc", label="before")
+    ax.barh(list(y), ratios, color="#2a7ab9", height=0.5, label="after")
+    for i, t in enumerate(texts):
+        ax.text(max(ratios[i], 1.0) + 0.02, i, t, va="center", fontsize=8)
+    ax.set_yticks(list(y))
+    ax.set_yticklabels(labels)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max([1.0] + ratios) * 1.6)
+    ax.set_xlabel("after / before")
+    ax.set_title("egp-surgery: graph before and after")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,184 @@
+"""Runner interface: ORT CPU on a tiny ONNX, torch on a tiny checkpoint, clear errors for missing backends."""
+
+import importlib.util
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from egp_deploy.archs import create_model
+from egp_deploy.checkpoint import checkpoint_from_model, save_checkpoint
+from egp_deploy.errors import BackendUnavailableError, DataError, InputFileError, UsageError
+from egp_deploy.runners import get_runner, parse_shapes, random_inputs, resolve_backend, resolve_input_shapes
+from egp_deploy.runners.base import TensorSpec
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def tiny_onnx(path, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    b = rng.standard_normal(3).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "W", "B"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path, w, b
+
+
+@pytest.fixture
+def onnx_model(tmp_path):
+    return tiny_onnx(tmp_path / "tiny.onnx")
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 5, "in_channels": 1, "width": 4}
+    model = create_model("resnet18", **kwargs).eval()
+    path = save_checkpoint(tmp_path / "tiny.pt", checkpoint_from_model(model, "resnet18", kwargs, (1, 8, 8), 5))
+    return path, model
+
+
+# ---------------------------------------------------------------------------- onnxruntime CPU
+def test_ort_cpu_infer_matches_numpy(onnx_model):
+    path, w, b = onnx_model
+    x = np.random.default_rng(1).standard_normal((6, 4)).astype(np.float32)
+    with get_runner("ort-cpu", path, threads=1) as r:
+        assert [s.name for s in r.input_specs()] == ["x"]
+        assert r.input_specs()[0].shape == (None, 4)
+        assert r.output_names() == ["y"]
+        y = r.infer({"x": x})["y"]
+        d = r.describe()
+    np.testing.assert_allclose(y, np.maximum(x @ w + b, 0), rtol=1e-5, atol=1e-6)
+    assert d["intra_op_threads"] == 1 and d["providers"] == ["CPUExecutionProvider"]
+
+
+def test_ort_timed_iteration(onnx_model):
+    r = get_runner(None, onnx_model[0], threads=1).load()  # auto -> ort-cpu for .onnx
+    assert r.backend == "ort-cpu"
+    specs = r.input_specs()
+    r.prepare(random_inputs(specs, resolve_input_shapes(specs, batch=2)))
+    times = [r.time_once() for _ in range(5)]
+    assert all(t > 0 for t in times)
+    r.close()
+
+
+def test_time_once_requires_prepare(onnx_model):
+    r = get_runner("ort-cpu", onnx_model[0]).load()
+    with pytest.raises(UsageError):
+        r.time_once()
+
+
+def test_ort_bad_feeds(onnx_model):
+    with get_runner("ort-cpu", onnx_model[0]) as r:
+        with pytest.raises(DataError, match="shape"):
+            r.infer({"x": np.ones((2, 5), np.float32)})
+        with pytest.raises(DataError, match="inputs"):
+            r.infer({"z": np.ones((2, 4), np.float32)})
+
+
+def test_ort_bad_files(tmp_path):
+    with pytest.raises(InputFileError, match="not found"):
+        get_runner("ort-cpu", tmp_path / "missing.onnx").load()
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"this is not a protobuf")
+    with pytest.raises(InputFileError, match="cannot load"):
+        get_runner("ort-cpu", junk).load()
+
+
+@pytest.mark.parametrize("backend", ["ort-cuda", "ort-trt"])
+def test_ort_gpu_provider_missing_is_clear(onnx_model, backend):
+    try:
+        r = get_runner(backend, onnx_model[0]).load()
+    except BackendUnavailableError as e:
+        assert "egp-deploy[gpu]" in str(e) and backend in str(e)
+    else:  # a real GPU machine: the provider really is in the session
+        assert r.session.get_providers()[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+# ---------------------------------------------------------------------------- torch
+def test_torch_runner_matches_eager(checkpoint):
+    path, model = checkpoint
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    with get_runner(None, path) as r:  # auto -> torch-cpu for .pt
+        assert r.backend == "torch-cpu"
+        spec = r.input_specs()[0]
+        assert spec.shape == (None, 1, 8, 8)
+        y = r.infer({spec.name: x})[r.output_names()[0]]
+        r.prepare({spec.name: x})
+        assert r.time_once() > 0
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_runner_errors(checkpoint, tmp_path):
+    path, _ = checkpoint
+    with pytest.raises(UsageError, match="fp16"):
+        get_runner("torch-cpu", path, precision="fp16")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"nope")
+    with pytest.raises(InputFileError):
+        get_runner("torch-cpu", bad).load()
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="CUDA"):
+            get_runner("torch-cuda", path).load()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torch_cuda_graph_runner(checkpoint):
+    path, model = checkpoint
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    with get_runner("torch-cuda", path) as r:
+        y = r.infer({"input": x})["logits"]
+        r.prepare({"input": x})
+        assert r.time_once() > 0
+        assert r.describe()["cuda_graph"].startswith(("captured", "eager"))
+    with torch.no_grad():
+        np.testing.assert_allclose(y, model(torch.from_numpy(x)).numpy(), rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- TensorRT missing
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here")
+def test_trt_missing_names_the_extra(tmp_path):
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"\0" * 64)
+    with pytest.raises(BackendUnavailableError, match=r"egp-deploy\[tensorrt\]"):
+        get_runner(None, engine).load()
+
+
+# ---------------------------------------------------------------------------- backend / shape resolution
+def test_resolve_backend():
+    assert resolve_backend("auto", "m.onnx") == "ort-cpu"
+    assert resolve_backend(None, "m.engine") == "trt"
+    assert resolve_backend(None, "m.plan") == "trt"
+    assert resolve_backend("auto", "m.pt") == "torch-cpu"
+    assert resolve_backend("ort-cuda", "m.onnx") == "ort-cuda"
+    for backend, path in [("trt", "m.onnx"), ("torch-cpu", "m.onnx"), ("ort-cpu", "m.engine"), ("tvm", "m.onnx")]:
+        with pytest.raises(UsageError):
+            resolve_backend(backend, path)
+
+
+def test_resolve_input_shapes():
+    specs = [TensorSpec("x", (None, 3, 8, 8), np.dtype(np.float32))]
+    assert resolve_input_shapes(specs) == {"x": (1, 3, 8, 8)}
+    assert resolve_input_shapes(specs, batch=4) == {"x": (4, 3, 8, 8)}
+    assert resolve_input_shapes(specs, shapes=parse_shapes("x:2x3x8x8")) == {"x": (2, 3, 8, 8)}
+    with pytest.raises(UsageError, match="wrong shape"):
+        resolve_input_shapes(specs, shapes=parse_shapes("x:2x1x8x8"))
+    with pytest.raises(UsageError, match="inputs"):
+        resolve_input_shapes(specs, shapes=parse_shapes("y:2x3x8x8"))
+    static = [TensorSpec("x", (1, 3), np.dtype(np.float32))]
+    with pytest.raises(UsageError, match="static batch"):
+        resolve_input_shapes(static, batch=8)
+    dyn = [TensorSpec("t", (None, None), np.dtype(np.int64))]
+    with pytest.raises(UsageError, match="--shapes t:"):
+        resolve_input_shapes(dyn)
