@@ -295,7 +295,8 @@ def benchmark_models(
         return {
             "schema": SCHEMA,
             "settings": {**asdict(settings), "shapes": {k: [list(x) for x in v] for k, v in (settings.shapes or {}).items()},
-                         "backend": runners[0].backend, "interleaved": len(runners) > 1,
+                         "backend": ", ".join(dict.fromkeys(r.backend for r in runners)),
+                         "interleaved": len(runners) > 1,
                          "percentile_rule": "sorted[max(n - 1 - int((1 - p/100) * n), 0)]"},
             "rounds": len(samples[0]),
             "environment": collect_environment([m["backend_details"] for m in models]),
@@ -328,7 +329,10 @@ def print_table(report: Mapping[str, Any], console=None) -> None:
              + (f" | {env['gpu_name']}" if env.get("gpu_name") else "")
              + f" | {report['rounds']} rounds" + (" interleaved" if report['settings']['interleaved'] else ""))
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    mixed = len({m["backend"] for m in report["models"]}) > 1
     table.add_column("model")
+    if mixed:
+        table.add_column("backend")
     for col in ("min", "median", "mean", "p90", "p95", "p99", "max"):
         table.add_column(f"{col} ms", justify="right")
     table.add_column("CV", justify="right")
@@ -337,7 +341,7 @@ def print_table(report: Mapping[str, Any], console=None) -> None:
     for m in report["models"]:
         lat, ratio = m["latency_ms"], m["ratio_to_first"]
         table.add_row(
-            escape(m["name"]), *(f"{lat[c]:.3f}" for c in ("min", "median", "mean", "p90", "p95", "p99", "max")),
+            escape(m["name"]), *([m["backend"]] if mixed else []), *(f"{lat[c]:.3f}" for c in ("min", "median", "mean", "p90", "p95", "p99", "max")),
             f"{100 * m['cv']:.1f}%", f"{m['throughput_per_s']:.1f}",
             f"{ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f})",
         )
@@ -360,9 +364,15 @@ def save_latency_plot(report: Mapping[str, Any], png_path: str | Path) -> Path:
         raise UsageError("the report holds no samples to plot")
     fig, axes = plt.subplots(1, 2 if len(models) > 1 else 1, figsize=(11 if len(models) > 1 else 6, 4), squeeze=False)
     ax = axes[0][0]
+    # shared bins up to the largest p99: the shape stays visible, the few outliers are counted aside
+    lo = min(m["latency_ms"]["min"] for m in models)
+    hi = max(m["latency_ms"]["p99"] for m in models)
+    bins = [lo + (hi - lo) * i / 60 for i in range(61)] if hi > lo else 20
     for m in models:
-        ax.hist(m["samples_ms"], bins=50, alpha=0.6, label=f"{m['name']} (median {m['latency_ms']['median']:.3f} ms)")
-    ax.set_xlabel("latency per iteration [ms]")
+        beyond = sum(1 for t in m["samples_ms"] if t > hi)
+        ax.hist([t for t in m["samples_ms"] if t <= hi], bins=bins, alpha=0.6,
+                label=f"{m['name']} (median {m['latency_ms']['median']:.3f} ms; {beyond} beyond plot)")
+    ax.set_xlabel("latency per iteration [ms] (up to the largest p99)")
     ax.set_ylabel("iterations")
     ax.set_title(f"latency distribution ({report['settings']['backend']})")
     ax.legend(fontsize=8)
@@ -372,6 +382,7 @@ def save_latency_plot(report: Mapping[str, Any], png_path: str | Path) -> Path:
         for m in models[1:]:
             ax2.plot([a / b for a, b in zip(m["samples_ms"], ref)], ".", ms=2, label=f"{m['name']} / {models[0]['name']}")
         ax2.axhline(1.0, color="grey", lw=0.8)
+        ax2.set_yscale("log")
         ax2.set_xlabel("round")
         ax2.set_ylabel("latency ratio to the first model")
         ax2.legend(fontsize=8)

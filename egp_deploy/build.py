@@ -304,7 +304,9 @@ def build_engine(
     builder = trt.Builder(logger)
     if builder is None:
         raise BackendUnavailableError("TensorRT could not create a builder: no usable NVIDIA GPU / driver here")
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    # TensorRT 11 types every network strongly (the flag is accepted and ignored there); 10.x needs it
+    typed_flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    flags = 1 << int(typed_flag) if strongly_typed and typed_flag is not None else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -317,8 +319,8 @@ def build_engine(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
     if fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "fp32" and not strongly_typed and hasattr(trt.BuilderFlag, "TF32"):
-        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 is on by default on Ampere+
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 math is on by default on Ampere+
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # full layer info for the inspector
     if profiles:
         profile = builder.create_optimization_profile()

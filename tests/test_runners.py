@@ -182,3 +182,10 @@ def test_resolve_input_shapes():
     dyn = [TensorSpec("t", (None, None), np.dtype(np.int64))]
     with pytest.raises(UsageError, match="--shapes t:"):
         resolve_input_shapes(dyn)
+
+
+def test_runner_reloads_after_close(onnx_model):
+    r = get_runner("ort-cpu", onnx_model[0]).load()
+    r.close()
+    assert r.input_specs()[0].name == "x"  # loads again on demand
+    r.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -345,3 +347,39 @@ def test_static_batch_model_is_fed_in_its_batch():
     res = optimize(model, randn(5, 1, 4, 4), randn(3, 1, 4, 4, seed=1))
     assert res.report["verification"]["calibration"]["samples"] == 5
     assert res.report["verification"]["held_out"]["top1_agreement"] == 1.0
+
+
+def test_always_linear_relu6_is_removed_and_module_names_come_from_metadata():
+    m = _TwoConv(c=4, act=nn.ReLU6())
+    with torch.no_grad():
+        m.conv1.weight.mul_(0.01)
+        m.conv1.bias.fill_(3.0)  # always inside (0, 6): linear
+    model = export_module(m, (1, 3, 6, 6), dynamic=True)
+    clip = next(n.name for n in model.graph.node if n.op_type == "Clip")
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "egp.node_modules", json.dumps({clip: "features.act"})
+    x = randn(16, 3, 6, 6)
+    res = optimize(model, x, randn(8, 3, 6, 6, seed=3))
+    assert "Clip" not in ops(res.model)
+    (rec,) = res.report["changes"]["stripped"]
+    assert rec["module"] == "features.act" and rec["always"]["lin"] == 4
+    assert rel_error(outputs(model, x), outputs(res.model, x)) <= TOL
+    assert {p.key for p in res.model.metadata_props} >= {"egp.node_modules"}
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matmul_chain_merges(with_bias):
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1")]
+    src = "h"
+    if with_bias:
+        nodes.append(helper.make_node("Add", ["h", "b1"], ["hb"], name="bias1"))
+        src = "hb"
+    nodes.append(helper.make_node("MatMul", [src, "w2"], ["y"], name="mm2"))
+    inits = [_init("w1", rng.standard_normal((6, 3))), _init("w2", rng.standard_normal((3, 5))),
+             _init("b1", rng.standard_normal(3))]
+    model = _model(nodes, inits if with_bias else inits[:2], ["N", 4, 6], ["N", 4, 5])
+    out, recs = _merge(model)
+    assert ops(out).count("MatMul") == 1 and recs[0]["kind"] == "matmul + matmul"
+    x = randn(2, 4, 6)
+    assert rel_error(outputs(model, x), outputs(out, x)) <= TOL

@@ -8,6 +8,7 @@ from typing import Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from egp_deploy.errors import EgpError
 
@@ -31,7 +32,7 @@ def run_app(app: typer.Typer, error_exit: Callable[[EgpError], int] | None = Non
     try:
         app()
     except EgpError as e:
-        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(error_exit(e) if error_exit else e.exit_code)
     except KeyboardInterrupt:
         console.print("[bold red]interrupted[/]")
@@ -40,7 +41,7 @@ def run_app(app: typer.Typer, error_exit: Callable[[EgpError], int] | None = Non
         if os.environ.get("EGP_DEBUG"):
             raise
         console.print(
-            f"[bold red]internal error:[/] {type(e).__name__}: {e} (rerun with EGP_DEBUG=1 for the traceback)",
+            f"[bold red]internal error:[/] {type(e).__name__}: {escape(str(e))} (rerun with EGP_DEBUG=1 for the traceback)",
             soft_wrap=True,
         )
         sys.exit(1)

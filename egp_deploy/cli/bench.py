@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import typer
 
@@ -17,24 +16,6 @@ app = new_app(
     "(median over rounds, with min-max). Inputs are random (never zeros), drawn once."
 )
 
-def markup_safe_errors(func: Callable) -> Callable:
-    """Escape rich markup in EgpError messages: run_app prints them through rich, which would
-    swallow text like ``egp-deploy[gpu]`` (the extra to install) as a markup tag."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        from rich.markup import escape
-
-        from egp_deploy.errors import EgpError
-
-        try:
-            return func(*args, **kwargs)
-        except EgpError as e:
-            raise type(e)(escape(str(e))) from None
-
-    return wrapper
-
-
 BACKEND_HELP = (
     "auto (ort-cpu for .onnx, trt for .engine/.plan, torch-cpu for .pt), ort-cpu, ort-cuda, ort-trt, "
     "trt, torch-cpu, torch-cuda"
@@ -42,7 +23,6 @@ BACKEND_HELP = (
 
 
 @app.command()
-@markup_safe_errors
 def bench(
     models: list[Path] = typer.Argument(..., help="Models to compare (.onnx, .engine, model.pt); the first is the reference of the ratio.", show_default=False),
     backend: str = typer.Option("auto", "--backend", "-b", help=BACKEND_HELP),

@@ -8,7 +8,6 @@ from typing import Optional
 import typer
 
 from egp_deploy.cli._common import console, new_app, run_app, stdout
-from egp_deploy.cli.bench import markup_safe_errors
 
 app = new_app(
     "Build a TensorRT engine from an ONNX model (TensorRT 10 or 11). Writes MODEL.engine, "
@@ -19,7 +18,6 @@ app = new_app(
 
 
 @app.command()
-@markup_safe_errors
 def build(
     onnx_model: Path = typer.Argument(..., help="The .onnx model to build.", show_default=False),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Engine path (default: MODEL.engine beside the ONNX)."),

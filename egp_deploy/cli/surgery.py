@@ -118,16 +118,19 @@ def surgery(
         console.print("[yellow]warning:[/] no --calibration given: using random normal inputs. Activation "
                       "statistics of random inputs say little about real data; only exact rewrites can be trusted.")
         calibration = "random"
-    cal = load_samples(calibration, model, samples, "val", seed=0)
-    if held_out is None:
-        if calibration == "random" or calibration.endswith(".npy"):
-            held_spec, split = "random", "test"
-        else:
-            held_spec, split = calibration, "test"
+    cal = load_samples(calibration, model, samples + (held_out_samples if calibration.endswith(".npy") else 0),
+                       "val", seed=0)
+    held = None
+    if held_out is None and calibration.endswith(".npy"):
+        # one array given: keep a quarter of it (at least 2 samples) unseen by the measurement
+        if cal.shape[0] >= 8:
+            n_held = min(held_out_samples, max(2, cal.shape[0] // 4))
+            cal, held = cal[:-n_held], cal[-n_held:]
+        held_spec = f"{calibration} (last {0 if held is None else held.shape[0]} samples)"
     else:
-        held_spec, split = held_out, "test"
-    held = load_samples(held_spec, model, held_out_samples, split, seed=1) if not (
-        held_spec == "random" and any(d is None for d in _input_shape(model)[0][1:])) else None
+        held_spec = held_out or ("random" if calibration == "random" else calibration)
+        if not (held_spec == "random" and any(d is None for d in _input_shape(model)[0][1:])):
+            held = load_samples(held_spec, model, held_out_samples, "test", seed=1)
     options = SurgeryOptions(
         tolerance=tolerance, max_mac_growth=max_mac_growth, allow_inexact_merge=allow_inexact_merge,
         strip_activations=strip, min_held_out_agreement=min_agreement, batch_size=batch_size,

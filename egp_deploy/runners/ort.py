@@ -147,6 +147,8 @@ class OrtRunner(Runner):
     def close(self) -> None:
         self.session = None
         self._binding = None
+        self._feeds = None
+        self._loaded = False
 
     def input_specs(self) -> list[TensorSpec]:
         self.load()

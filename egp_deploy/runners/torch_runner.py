@@ -76,6 +76,7 @@ class TorchRunner(Runner):
     def close(self) -> None:
         self.model = None
         self._prepared = None
+        self._loaded = False
 
     def input_specs(self) -> list[TensorSpec]:
         self.load()

@@ -77,9 +77,10 @@ class TrtRunner(Runner):
 
     def close(self) -> None:
         self._state = None
-        for attr in ("context", "engine"):
+        for attr in ("context", "engine"):  # the context must go before its engine
             if hasattr(self, attr):
                 delattr(self, attr)
+        self._loaded = False
 
     def input_specs(self) -> list[TensorSpec]:
         self.load()

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from egp_deploy.errors import DataError, NonFiniteError
+from egp_deploy.errors import DataError, NonFiniteError, UnsupportedError
 
 RECTIFIERS = ("Relu", "Clip", "LeakyRelu", "PRelu")
 
@@ -180,7 +180,12 @@ def make_session(model: onnx.ModelProto | bytes, threads: int = 0):
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
     blob = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # unknown custom ops, unsupported opsets: nothing to measure or verify with
+        msg = str(e).strip().splitlines()
+        raise UnsupportedError(f"onnxruntime cannot run this model, so it cannot be measured or verified: "
+                               f"{msg[0] if msg else type(e).__name__}") from None
 
 
 def measure_activation_stats(

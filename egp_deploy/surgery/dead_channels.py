@@ -348,6 +348,15 @@ def _eliminate_group(graph, members, member_of, info, module_of) -> dict[str, An
         return None
     keep = ~removable
     new_c = int(keep.sum())
+    # Rows first: a layer can read and write the same group (a residual branch), and its border
+    # map must then be computed with the rows that remain.
+    for p in producers:
+        if _producer_kind(p) == "conv":
+            w, b = conv_weights(p)
+            set_conv_weights(p, np.ascontiguousarray(w[keep]), None if b is None else b[keep])
+        else:
+            w, c = gemm_weights(p)
+            set_gemm_weights(p, w[:, keep], None if c is None else c[keep])
     for n, t in consumers:
         mask, val = info.get(t.name, (np.zeros(nch, bool), np.zeros(nch)))
         v = np.where(removable & mask & used, val, 0.0)[removable]
@@ -368,13 +377,6 @@ def _eliminate_group(graph, members, member_of, info, module_of) -> dict[str, An
             w, c = gemm_weights(n)
             c = (np.zeros(w.shape[1]) if c is None else c.astype(np.float64)) + v @ w[removable].astype(np.float64)
             set_gemm_weights(n, w[keep], c.astype(np.float32))
-    for p in producers:
-        if _producer_kind(p) == "conv":
-            w, b = conv_weights(p)
-            set_conv_weights(p, np.ascontiguousarray(w[keep]), None if b is None else b[keep])
-        else:
-            w, c = gemm_weights(p)
-            set_gemm_weights(p, w[:, keep], None if c is None else c[keep])
     for node in member_nodes.values():
         rank = len(static_shape(node.outputs[0]))
         if node.op == "BatchNormalization":

@@ -67,7 +67,7 @@ def _merge_conv_pair(graph, a_node, b_node, max_growth, allow_inexact) -> dict[s
         kind = "1x1 + conv"
         a2 = wa_d.reshape(wa.shape[0], -1)  # (C1, Cin)
         w = np.moveaxis(np.tensordot(wb_d, a2, axes=([1], [0])), -1, 1)
-        uniform = wb_d.reshape(wb.shape[0], wb.shape[1], -1).sum(axis=2) @ ba64
+        uniform = wb_d.reshape(wb_d.shape[0], wb_d.shape[1], -1).sum(axis=2) @ ba64
         bias = uniform + bb64
         attrs = dict(ab, group=1)
         if has_padding(ab) and np.any(ba64 != 0):
@@ -88,7 +88,7 @@ def _merge_conv_pair(graph, a_node, b_node, max_growth, allow_inexact) -> dict[s
             block = np.tensordot(wb_d[(slice(None), slice(None)) + p], wa_d, axes=([1], [0]))
             sl = tuple(slice(sa[i] * p[i], sa[i] * p[i] + ka[i]) for i in range(nd))
             w[(slice(None), slice(None)) + sl] += block
-        bias = wb_d.reshape(wb.shape[0], wb.shape[1], -1).sum(axis=2) @ ba64 + bb64
+        bias = wb_d.reshape(wb_d.shape[0], wb_d.shape[1], -1).sum(axis=2) @ ba64 + bb64
         pads = [aa["pads"][i] + sa[i % nd] * ab["pads"][i] for i in range(2 * nd)]
         attrs = {"kernel": kc, "strides": sa, "dilations": [1] * nd, "pads": pads, "group": 1}
     else:
@@ -120,6 +120,59 @@ def _merge_gemm_pair(graph, a_node, b_node, max_growth) -> dict[str, Any] | None
     set_gemm_weights(b_node, w.astype(np.float32), c.astype(np.float32))
     _fuse(graph, a_node, b_node)
     return {"kind": "gemm + gemm", "first": a_node.name, "second": b_node.name, "macs_before": before,
+            "macs_after": after, "exact": True, "border_bias": False}
+
+
+def _matmul_weight(node: gs.Node) -> np.ndarray | None:
+    """The constant 2-D right operand of x @ W."""
+    if node.op != "MatMul" or len(node.inputs) != 2 or not isinstance(node.inputs[0], gs.Variable):
+        return None
+    from egp_deploy.surgery._graph import const_value
+
+    w = const_value(node.inputs[1])
+    return w if w is not None and w.ndim == 2 else None
+
+
+def _merge_matmul_chain(graph, first: gs.Node, max_growth) -> dict[str, Any] | None:
+    """x @ W1 [+ b1] @ W2  ->  x @ (W1 W2) [+ b1 W2] (exact; b1 must broadcast along the last axis)."""
+    from egp_deploy.surgery._graph import const_value
+
+    w1 = _matmul_weight(first)
+    if w1 is None:
+        return None
+    nxt = only_consumer(first.outputs[0], graph)
+    bias, bias_node = None, None
+    if nxt is not None and nxt.op == "Add" and len(nxt.inputs) == 2:
+        other = nxt.inputs[1] if nxt.inputs[0] is first.outputs[0] else nxt.inputs[0]
+        b = const_value(other)
+        if b is None or b.size != w1.shape[1] or (b.ndim > 1 and b.shape[-1] != w1.shape[1]):
+            return None
+        bias, bias_node = b.reshape(-1).astype(np.float64), nxt
+        nxt = only_consumer(nxt.outputs[0], graph)
+    if nxt is None or _matmul_weight(nxt) is None or nxt.inputs[0] is not (bias_node or first).outputs[0]:
+        return None
+    w2 = _matmul_weight(nxt)
+    if w2.shape[0] != w1.shape[1]:
+        return None
+    before, after = w1.size + w2.size, w1.shape[0] * w2.shape[1]
+    if after > max_growth * before:
+        return None
+    w = (w1.astype(np.float64) @ w2.astype(np.float64)).astype(np.float32)
+    nxt.inputs[1] = new_const(w, (nxt.name or "matmul") + ".weight")
+    nxt.inputs[0] = first.inputs[0]
+    for n in (first, bias_node):
+        if n is not None:
+            n.outputs.clear()
+            n.inputs.clear()
+    if bias is not None and np.any(bias != 0):
+        out = nxt.outputs[0]
+        mid = gs.Variable(fresh_name(out.name + ".pre_bias"), dtype=out.dtype)
+        nxt.outputs[0] = mid
+        graph.nodes.append(gs.Node("Add", name=fresh_name((nxt.name or "matmul") + "/egp_bias"),
+                                   inputs=[mid, new_const((bias @ w2.astype(np.float64)).astype(np.float32),
+                                                          (nxt.name or "matmul") + ".bias")],
+                                   outputs=[out]))
+    return {"kind": "matmul + matmul", "first": first.name, "second": nxt.name, "macs_before": before,
             "macs_after": after, "exact": True, "border_bias": False}
 
 
@@ -176,6 +229,8 @@ def merge_linear(graph: gs.Graph, max_mac_growth: float = 1.0, allow_inexact: bo
             rec = None
             if node.op == "Add":
                 rec = _fold_residual(graph, node)
+            elif node.op == "MatMul":
+                rec = _merge_matmul_chain(graph, node, max_mac_growth)
             elif node.op in ("Conv", "Gemm"):
                 nxt = only_consumer(node.outputs[0], graph)
                 if nxt is None or nxt.op != node.op or not nxt.inputs or nxt.inputs[0] is not node.outputs[0]:

@@ -163,9 +163,14 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
         out, changes = _rewrite(named, stats if use_stats else None, options, module_of)
         timings["rewrite_s"] = timings.get("rewrite_s", 0.0) + time.perf_counter() - t1
         t1 = time.perf_counter()
-        cal = compare(ref_cal, run_model(out, calibration, options.batch_size, options.threads))
-        held = compare(ref_held, run_model(out, held_out, options.batch_size, options.threads)) \
-            if held_out is not None else None
+        try:
+            cal = compare(ref_cal, run_model(out, calibration, options.batch_size, options.threads))
+            held = compare(ref_held, run_model(out, held_out, options.batch_size, options.threads)) \
+                if held_out is not None else None
+        except Exception as e:  # a pass produced a graph onnxruntime rejects: a bug, never written
+            msg = str(e).strip().splitlines()
+            raise VerificationError(f"the rewritten graph does not run in onnxruntime "
+                                    f"({msg[0] if msg else type(e).__name__}); nothing written") from None
         timings["verify_s"] = timings.get("verify_s", 0.0) + time.perf_counter() - t1
         return out, changes, cal, held
 
@@ -180,6 +185,9 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
         strip_held = held
         out, changes, cal, held = attempt(False)
         changes["reverted_strips"] = [{"held_out": strip_held}]
+    if held_out is None and changes["stripped"]:
+        note = ("no held-out data: the data-dependent strips are verified on the calibration data only; "
+                "pass held-out inputs to check that they generalise")
     inexact = _inexact(changes)
     tol = options.inexact_tolerance if inexact else options.tolerance
     if not passes(cal, tol):
@@ -205,6 +213,9 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
         "note": note,
     }
     before, after = _metrics(model), _metrics(out)
+    remaining = {n.name for n in out.graph.node}
+    layers_removed = [module_of(n.name) or n.name for n in named.graph.node
+                      if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and n.name not in remaining]
     timings["total_s"] = time.perf_counter() - t0
     report = {
         "before": before,
@@ -216,7 +227,9 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
             "constant_layers_folded": len(changes["constant_layers"]),
             "channels_removed": sum(r["channels_before"] - r["channels_after"] for r in changes["dead_channels"]),
             "merges": len(changes["merged"]),
+            "layers_removed": len(layers_removed),
         },
+        "layers_removed": layers_removed,
         "passes": [k for k, v in changes.items() if v],
         "changes": changes,
         "activations": [dict(s.summary(), module=module_of(s.node)) for s in stats.values()],

@@ -96,6 +96,9 @@ def print_report(report: dict[str, Any], console=None) -> None:
             change = f"{(a - b) / b * 100:+.1f} %"
         table.add_row(label, _fmt(b), _fmt(a), change)
     console.print(table)
+    removed = report.get("layers_removed") or []
+    if removed:
+        console.print(f"[bold]conv/gemm layers removed:[/] {len(removed)}: {', '.join(removed)}", soft_wrap=True)
     lists = report.get("changes", {})
     for key, title in (("stripped", "activations stripped (data-dependent)"),
                        ("constant_layers", "constant layers folded"),

@@ -1,0 +1,76 @@
+"""EGP's per-iteration pruning budget: irrelevance, water-filling softmax (EGP.md).
+
+    P   = prunable layers with H_l != 0 and nonzero weights left (others are frozen)
+    I_l = H_l * mean |w| over the nonzero weights of l
+    S   = sum of I_l over P;  B = r * nonzero weights over P
+    repeat: a_l = softmax_P(S / I_l), n_l = B a_l; a layer with n_l >= its remaining weights is
+            pruned to 100 %: it leaves P, B loses its weights, S loses its I_l
+Pure functions of per-layer numbers, so a distributed run computes them from reduced stats only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LayerState:
+    name: str
+    entropy: float  # H_l of the activation this layer feeds
+    mean_abs: float  # mean |w| over the nonzero weights
+    remaining: int  # nonzero weights left
+
+
+@dataclass
+class Allocation:
+    prune: dict[str, int]  # weights to remove now, per layer
+    frozen: list[str]  # H_l == 0 or nothing left: not pruned
+    full: list[str]  # driven to 100 % this iteration
+    shares: dict[str, float] = field(default_factory=dict)  # final softmax share a_l (non-full layers)
+    budget: int = 0  # B before water-filling
+
+    def to_json(self) -> dict:
+        return {"prune": self.prune, "frozen": self.frozen, "full": self.full, "shares": self.shares, "budget": self.budget}
+
+
+def _softmax(values: dict[str, float]) -> dict[str, float]:
+    top = max(values.values())
+    ex = {k: math.exp(v - top) for k, v in values.items()}
+    z = sum(ex.values())
+    return {k: e / z for k, e in ex.items()}
+
+
+def allocate(layers: list[LayerState], rate: float = 0.5) -> Allocation:
+    """How many weights to prune per layer this iteration (EGP water-filling)."""
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"pruning rate must be in (0, 1], got {rate}")
+    active = {l.name: l for l in layers if l.entropy > 0 and l.remaining > 0}
+    frozen = [l.name for l in layers if l.name not in active]
+    irrelevance = {n: l.entropy * l.mean_abs for n, l in active.items()}
+    # a live layer with all |w| -> 0 has I_l = 0: it is the least relevant, so it empties first
+    full = [n for n, i in irrelevance.items() if i <= 0.0]
+    budget = rate * sum(l.remaining for l in active.values())
+    start_budget = int(round(budget))
+    remaining_budget = budget - sum(active[n].remaining for n in full)
+    pool = {n: i for n, i in irrelevance.items() if n not in full}
+    shares: dict[str, float] = {}
+    n_alloc: dict[str, float] = {}
+    while pool and remaining_budget > 0:
+        s = sum(pool.values())
+        shares = _softmax({n: s / i for n, i in pool.items()})
+        n_alloc = {n: remaining_budget * a for n, a in shares.items()}
+        saturated = [n for n, k in n_alloc.items() if k >= active[n].remaining]
+        if not saturated:
+            break
+        for n in saturated:
+            full.append(n)
+            remaining_budget -= active[n].remaining
+            del pool[n]
+        shares, n_alloc = {}, {}
+    prune = {l.name: 0 for l in layers}
+    for n in full:
+        prune[n] = active[n].remaining
+    for n, k in n_alloc.items():
+        prune[n] = min(active[n].remaining, int(round(k)))
+    return Allocation(prune, frozen, full, shares, start_budget)

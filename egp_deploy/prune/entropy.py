@@ -1,0 +1,215 @@
+"""Activation entropy per channel and per layer (EGP.md, "Entropy, exactly").
+
+Two separate steps so a distributed run can all-reduce in between:
+    counts = collect_counts(model, loader)        # plain int64 tensors, summable across ranks
+    stats  = stats_from_counts(counts, sites)     # counts -> p_on, entropies, always-ON/OFF
+``measure_entropy`` does both.
+
+Regions per channel (exact zeros are OFF, as in the official code):
+    relu / gelu / silu (proxy)   off: x <= 0      on: x > 0
+    leaky_relu / prelu           neg: x <= 0      on: x > 0         (two linear pieces)
+    relu6                        off: x <= 0      on: 0 < x < 6     sat: x >= 6
+Channel entropy is the Shannon entropy (bits) of the channel's region distribution: the binary
+entropy of p_on for two-region sites; for ReLU6 the three-region entropy, so it is zero exactly
+when a channel stays in ONE region (only always-linear is an identity; always-OFF and
+always-saturated are constants). Layer entropy is the mean over non-degenerate channels, 0 if
+there are none. Default p is data-set level (batch-size independent); ``mode="batch"`` averages
+per-batch layer entropies as the official code does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+
+from egp_deploy.errors import NonFiniteError
+from egp_deploy.prune.sites import PROXY_KINDS, Site, find_sites
+
+REGIONS = {
+    "relu": ("off", "on"), "gelu": ("off", "on"), "silu": ("off", "on"),
+    "leaky_relu": ("neg", "on"), "prelu": ("neg", "on"), "relu6": ("off", "on", "sat"),
+}
+
+
+def channel_dim(ndim: int) -> int:
+    """A neuron is a channel: dim 1 of (N, C, ...) and (N, C); the last dim of (N, L, C) tokens."""
+    return -1 if ndim == 3 else 1
+
+
+def region_counts(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-channel region counts of one pre-activation tensor: int64 (C, R), R = len(REGIONS[kind])."""
+    cdim = channel_dim(x.ndim) % x.ndim
+    dims = tuple(d for d in range(x.ndim) if d != cdim)
+    total = x.numel() // x.shape[cdim]
+    on_or_above = (x > 0).sum(dim=dims)  # bool sum -> int64
+    if kind == "relu6":
+        sat = (x >= 6).sum(dim=dims)
+        return torch.stack([total - on_or_above, on_or_above - sat, sat], dim=1)
+    return torch.stack([total - on_or_above, on_or_above], dim=1)
+
+
+def _entropy_bits(counts: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy (bits) of each row of a (C, R) count table; 0 for empty rows."""
+    c = counts.double()
+    total = c.sum(dim=1, keepdim=True).clamp_min(1)
+    p = c / total
+    h = -(p * torch.where(p > 0, p.log2(), torch.zeros_like(p))).sum(dim=1)
+    return h.clamp_min(0.0)
+
+
+def _layer_entropy(channel_h: torch.Tensor, degenerate: torch.Tensor) -> float:
+    live = ~degenerate
+    return float(channel_h[live].mean()) if bool(live.any()) else 0.0
+
+
+@dataclass
+class SiteCounts:
+    """What is collected per site: summable across data shards and ranks."""
+
+    kind: str
+    counts: torch.Tensor  # int64 (C, R): samples x positions per channel and region
+    batch_entropy_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    batches: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+    def add_(self, other: "SiteCounts") -> "SiteCounts":
+        self.counts += other.counts
+        self.batch_entropy_sum += other.batch_entropy_sum
+        self.batches += other.batches
+        return self
+
+
+@dataclass
+class SiteStats:
+    name: str
+    kind: str
+    proxy: bool
+    regions: tuple[str, ...]
+    counts: torch.Tensor  # int64 (C, R)
+    p_on: torch.Tensor  # float64 (C,): P(0 < x [< 6])
+    channel_entropy: torch.Tensor  # float64 (C,) bits
+    entropy: float  # layer entropy (bits)
+    always_on: torch.Tensor  # bool (C,): always in the "on" (linear) region
+    always_off: torch.Tensor  # bool (C,): always x <= 0
+    always_sat: torch.Tensor  # bool (C,): always x >= 6 (ReLU6 only; all False otherwise)
+    feeder: str | None = None
+    mode: str = "dataset"
+
+    @property
+    def channels(self) -> int:
+        return int(self.counts.shape[0])
+
+    @property
+    def degenerate(self) -> torch.Tensor:
+        """Channels that stay in one region (zero entropy)."""
+        return (self.counts > 0).sum(dim=1) <= 1
+
+    @property
+    def zero_entropy(self) -> bool:
+        return self.entropy == 0.0
+
+    def summary(self) -> dict:
+        return {
+            "kind": self.kind, "proxy": self.proxy, "feeder": self.feeder, "channels": self.channels,
+            "entropy": self.entropy, "always_on": int(self.always_on.sum()),
+            "always_off": int(self.always_off.sum()), "always_sat": int(self.always_sat.sum()),
+        }
+
+
+def _sites_of(model: nn.Module, sites: list[Site] | None) -> list[Site]:
+    return find_sites(model) if sites is None else sites
+
+
+def collect_counts(
+    model: nn.Module, loader: Iterable, device: str | torch.device = "cpu", max_batches: int | None = None,
+    sites: list[Site] | None = None, per_batch: bool = False,
+) -> dict[str, SiteCounts]:
+    """One eval-mode, no-grad pass; forward pre-hooks on each activation count its input's regions."""
+    sites = _sites_of(model, sites)
+    modules = dict(model.named_modules())
+    out: dict[str, SiteCounts] = {}
+    handles = []
+
+    def make_hook(site: Site):
+        def hook(_mod, args):
+            c = region_counts(args[0].detach(), site.kind)
+            prev = out.get(site.name)
+            if prev is None:
+                prev = out[site.name] = SiteCounts(site.kind, torch.zeros_like(c))
+            prev.counts += c
+            if per_batch:
+                h = _entropy_bits(c)
+                prev.batch_entropy_sum += _layer_entropy(h, (c > 0).sum(dim=1) <= 1)
+                prev.batches += 1
+        return hook
+
+    for s in sites:
+        handles.append(modules[s.name].register_forward_pre_hook(make_hook(s)))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x = batch[0] if isinstance(batch, (list, tuple)) else batch
+                y = model(x.to(device))
+                if not torch.isfinite(y).all():
+                    raise NonFiniteError("model outputs NaN/Inf during entropy measurement")
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return out
+
+
+def stats_from_counts(
+    counts: dict[str, SiteCounts], sites: list[Site] | None = None, mode: str = "dataset",
+) -> dict[str, SiteStats]:
+    """Counts -> per-channel p_on and entropy, layer entropy, always-ON/OFF masks."""
+    if mode not in ("dataset", "batch"):
+        raise ValueError(f"entropy mode must be 'dataset' or 'batch', got {mode!r}")
+    feeders = {s.name: s.feeder for s in (sites or [])}
+    stats: dict[str, SiteStats] = {}
+    for name, sc in counts.items():
+        c = sc.counts
+        total = c.sum(dim=1).clamp_min(1)
+        regions = REGIONS[sc.kind]
+        on = regions.index("on")
+        h = _entropy_bits(c)
+        degenerate = (c > 0).sum(dim=1) <= 1
+        if mode == "batch":
+            if int(sc.batches) == 0:
+                raise ValueError("per-batch entropy needs counts collected with per_batch=True")
+            layer_h = float(sc.batch_entropy_sum / sc.batches)
+        else:
+            layer_h = _layer_entropy(h, degenerate)
+        full = c.sum(dim=1)
+        stats[name] = SiteStats(
+            name=name, kind=sc.kind, proxy=sc.kind in PROXY_KINDS, regions=regions, counts=c,
+            p_on=c[:, on].double() / total, channel_entropy=h, entropy=layer_h,
+            always_on=c[:, on] == full, always_off=c[:, 0] == full,
+            always_sat=(c[:, 2] == full) if sc.kind == "relu6" else torch.zeros_like(degenerate),
+            feeder=feeders.get(name), mode=mode,
+        )
+    return stats
+
+
+def measure_entropy(
+    model: nn.Module, loader: Iterable, device: str | torch.device = "cpu", max_batches: int | None = None,
+    mode: str = "dataset", sites: list[Site] | None = None,
+) -> dict[str, SiteStats]:
+    """Entropy of every activation site of ``model`` over ``loader`` (eval mode, no grad)."""
+    sites = _sites_of(model, sites)
+    counts = collect_counts(model, loader, device, max_batches, sites, per_batch=(mode == "batch"))
+    return stats_from_counts(counts, sites, mode)
+
+
+def layer_entropies(stats: dict[str, SiteStats]) -> dict[str, float]:
+    return {k: v.entropy for k, v in stats.items()}
+
+
+def zero_entropy_sites(stats: dict[str, SiteStats]) -> list[str]:
+    return [k for k, v in stats.items() if v.zero_entropy]
