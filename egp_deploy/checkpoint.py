@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +83,7 @@ def load_checkpoint(path: str | Path, expected_arch: str | None = None) -> Check
         raise InputFileError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
+    except Exception as e:  # torch.load on a foreign file can raise nearly anything (KeyError, EOFError...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputFileError(
             f"{path} is not a readable egp-deploy checkpoint ({msg[:160]}); TorchScript/.pt2/pickled "

@@ -1,0 +1,150 @@
+"""egp-prune: EGP (or IMP) iterative unstructured pruning with fine-tuning, on CPU or under torchrun."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from egp_deploy.cli._common import console, new_app, run_app, stdout
+from egp_deploy.errors import EgpError, UsageError
+
+app = new_app(
+    "Prune a model with EGP (Entropy-Guided Pruning: the per-iteration budget goes to layers whose "
+    "rectifiers already have low entropy, so whole layers collapse) or with the IMP baseline (global L1). "
+    "SOURCE is an architecture name (a dense model is trained first, --dense-epochs) or an egp-deploy "
+    "checkpoint. Each iteration measures entropy on the calibration (val) split, prunes, fine-tunes and "
+    "evaluates; OUT gets iter_NN.pt per iteration, best.pt, log.json and entropy.png. "
+    "Under torchrun (python -m torch.distributed.run --nproc_per_node=N -m egp_deploy.cli prune ...) it runs "
+    "data-parallel; --batch-size is then per rank."
+)
+
+
+def parse_arch_kwargs(text: Optional[str]) -> dict:
+    """'width=16,stem=imagenet' -> {'width': 16, 'stem': 'imagenet'} (values parsed as Python literals)."""
+    out: dict = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--arch-kwargs wants key=value pairs separated by commas, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+@app.command()
+def prune(
+    source: str = typer.Argument(..., help="Architecture name (resnet18, mobilenet_v2, vgg16_bn, vit_tiny) or a checkpoint .pt."),
+    out: Path = typer.Option(Path("runs/prune"), "--out", "-o", help="Output folder (checkpoints, log.json, entropy.png)."),
+    method: str = typer.Option("egp", "--method", "-m", help="egp (entropy-guided budget) or imp (global L1 baseline)."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="digits (bundled, default), cifar10:DIR, folder:DIR or plugin:module:function. Default: the checkpoint's data, else digits."),
+    iterations: int = typer.Option(9, "--iterations", "-n", help="Pruning iterations (nominal sparsity 1 - (1-rate)^n)."),
+    rate: float = typer.Option(0.5, "--rate", help="Fraction of the remaining prunable weights removed per iteration."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", "-t", help="Stop once test accuracy falls more than this many points below the start; best.pt is the most pruned model within it."),
+    epochs: int = typer.Option(8, "--epochs", "-e", help="Fine-tuning epochs after each pruning step."),
+    lr: float = typer.Option(0.05, "--lr", help="Fine-tuning learning rate (SGD)."),
+    dense_epochs: int = typer.Option(30, "--dense-epochs", help="Epochs to train the dense model when SOURCE is an architecture name."),
+    dense_lr: float = typer.Option(0.05, "--dense-lr", help="Learning rate of the dense training."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", help="Training batch size (per rank under torchrun)."),
+    momentum: float = typer.Option(0.9, "--momentum"),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay"),
+    schedule: str = typer.Option("cosine", "--schedule", help="Per-epoch LR schedule: cosine, step (x0.1 at 50%/75%) or constant."),
+    entropy_mode: str = typer.Option("dataset", "--entropy-mode", help="dataset: one p per channel over the whole split (batch-size independent); batch: mean of per-batch entropies (the official code)."),
+    calibration_batches: Optional[int] = typer.Option(None, "--calibration-batches", help="Limit entropy measurement to this many batches of 256 (default: the whole val split)."),
+    arch_kwargs: Optional[str] = typer.Option(None, "--arch-kwargs", help="Architecture knobs, e.g. width=16 (only with an architecture name)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds initialisation, shuffling and fine-tuning."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last finished iteration."),
+    dist_backend: str = typer.Option("auto", "--dist-backend", help="torchrun only: auto (nccl with CUDA, else gloo), nccl or gloo."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    import torch
+
+    from egp_deploy.archs import create_model, list_archs
+    from egp_deploy.checkpoint import checkpoint_from_model, load_checkpoint, save_checkpoint
+    from egp_deploy.data import load_data
+    from egp_deploy.distributed import init_distributed, shutdown
+    from egp_deploy.prune.loop import PruneConfig, accuracy, finetune, run_pruning
+    from egp_deploy.prune.train import TrainConfig
+
+    ctx = init_distributed(dist_backend)
+    try:
+        torch.manual_seed(seed)
+        ft = TrainConfig(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                         batch_size=batch_size, schedule=schedule)
+        cfg = PruneConfig(method=method, iterations=iterations, rate=rate, tolerance=tolerance, finetune=ft,
+                          entropy_mode=entropy_mode, calibration_batches=calibration_batches, seed=seed)
+        cfg.validate()
+        if schedule not in ("cosine", "step", "constant"):
+            raise UsageError(f"--schedule must be cosine, step or constant, got {schedule!r}")
+        if entropy_mode not in ("dataset", "batch"):
+            raise UsageError(f"--entropy-mode must be dataset or batch, got {entropy_mode!r}")
+        src = Path(source)
+        if src.suffix in (".pt", ".pth", ".ckpt") or src.exists():
+            if arch_kwargs:
+                raise UsageError("--arch-kwargs applies to an architecture name, not to a checkpoint")
+            start = load_checkpoint(src)
+            bundle = load_data(data or start.metadata.get("data", "digits"))
+            if tuple(bundle.input_shape) != tuple(start.input_shape):
+                raise UsageError(f"data {bundle.spec} has samples of shape {bundle.input_shape}, "
+                                 f"the checkpoint expects {tuple(start.input_shape)}")
+            start.build_model()  # fail early on weights that do not fit
+        elif source in list_archs():
+            bundle = load_data(data or "digits")
+            kwargs = {"num_classes": bundle.num_classes, "in_channels": bundle.input_shape[0], **parse_arch_kwargs(arch_kwargs)}
+            dense_path = out / "dense.pt"
+            if resume and dense_path.is_file():
+                start = load_checkpoint(dense_path, expected_arch=source)
+            else:
+                model = create_model(source, **kwargs).to(ctx.device)
+                dense_cfg = TrainConfig(epochs=dense_epochs, lr=dense_lr, momentum=momentum,
+                                        weight_decay=weight_decay, batch_size=batch_size, schedule=schedule)
+                finetune(model, bundle, dense_cfg, None, ctx, seed, "dense", not quiet)
+                meta = {"data": bundle.spec, "method": "dense", "recipe": dense_cfg.to_json(),
+                        "test_acc": accuracy(model, bundle.test, cfg, ctx), "val_acc": accuracy(model, bundle.val, cfg, ctx)}
+                start = checkpoint_from_model(model, source, kwargs, bundle.input_shape, bundle.num_classes, meta)
+                if ctx.is_main:
+                    save_checkpoint(dense_path, start)
+                    stdout.print(f"dense {source}: test accuracy {meta['test_acc']:.2f} % -> {dense_path}")
+        else:
+            raise UsageError(f"{source!r} is neither a checkpoint file nor a known architecture ({', '.join(list_archs())})")
+
+        result = run_pruning(start, bundle, cfg, out, ctx, resume=resume, progress=not quiet)
+        if ctx.is_main:
+            print_summary(result.log, result.best_iteration)
+            stdout.print(f"best (within tolerance): iteration {result.best_iteration} -> {result.best_path}")
+            stdout.print(f"log: {out / 'log.json'}   plot: {out / 'entropy.png'}")
+            if result.log.get("stopped"):
+                stdout.print(f"stopped early: {result.log['stopped']}")
+    except EgpError as e:
+        if ctx.enabled and not ctx.is_main:
+            raise type(e)(f"(rank {ctx.rank}) {e}") from None
+        raise
+    finally:
+        shutdown(ctx)
+
+
+def print_summary(log: dict, best: int) -> None:
+    n_sites = len(log["iterations"][0]["entropy"])
+    table = Table(title=f"{log['arch']} {log['config']['method'].upper()} on {log['data']}")
+    for col in ("iter", "sparsity", "all weights", "test acc", "zero-H acts", "all-zero layers", "zero out-ch", "s"):
+        table.add_column(col, justify="right")
+    for r in log["iterations"]:
+        table.add_row(
+            f"{r['iteration']}{' *' if r['iteration'] == best else ''}", f"{r['sparsity_prunable']:.4f}",
+            f"{r['sparsity_all']:.4f}", f"{r['test_acc']:.2f}", f"{len(r['zero_entropy_sites'])}/{n_sites}",
+            str(len(r["all_zero_layers"])), f"{r['zero_output_channels']}/{r['output_channels']}", f"{r['seconds']:.0f}",
+        )
+    stdout.print(table)
+
+
+def main() -> None:
+    run_app(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""The EGP / IMP iteration loop: measure -> allocate -> prune -> fine-tune -> evaluate -> save.
+
+One folder per run:
+    iter_00.pt ... iter_NN.pt   a checkpoint per finished iteration (00 = the starting model)
+    best.pt                     the most pruned checkpoint whose test accuracy is within tolerance
+    log.json                    config + one record per iteration (rewritten atomically each time)
+    entropy.png                 layer entropy per activation site per iteration
+A killed run restarts from the last iteration recorded in log.json (``resume=True``). Under
+torchrun every rank runs this loop; statistics are all-reduced, decisions are the same on every
+rank (and masks are broadcast from rank 0), and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from egp_deploy.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from egp_deploy.data import DataBundle
+from egp_deploy.distributed import (
+    DistContext, all_reduce_sum, barrier, broadcast_tensors, eval_loader, set_epoch, train_loader,
+)
+from egp_deploy.errors import UsageError
+from egp_deploy.io_utils import atomic_path, write_json_atomic
+from egp_deploy.prune import masks as M
+from egp_deploy.prune.allocation import LayerState, allocate
+from egp_deploy.prune.entropy import SiteStats, collect_counts, stats_from_counts
+from egp_deploy.prune.sites import Site, all_weight_layers, find_sites, prunable_layers
+from egp_deploy.prune.train import TrainConfig, lr_at, make_optimizer, train_one_epoch
+
+LOG_FORMAT = "egp-deploy-prune-log"
+
+
+@dataclass
+class PruneConfig:
+    method: str = "egp"  # "egp" | "imp"
+    iterations: int = 9
+    rate: float = 0.5  # fraction of the remaining (prunable) weights removed per iteration
+    tolerance: float | None = None  # stop once test accuracy drops more than this many points
+    finetune: TrainConfig = field(default_factory=TrainConfig)
+    entropy_mode: str = "dataset"  # "dataset" | "batch"
+    calibration_batches: int | None = None  # None: the whole calibration (val) split
+    eval_batch_size: int = 256
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["finetune"] = self.finetune.to_json()
+        return d
+
+    def validate(self) -> None:
+        if self.method not in ("egp", "imp"):
+            raise UsageError(f"--method must be egp or imp, got {self.method!r}")
+        if self.iterations < 0:
+            raise UsageError("--iterations must be >= 0")
+        if not 0.0 < self.rate < 1.0:
+            raise UsageError(f"--rate must be in (0, 1), got {self.rate}")
+        if self.tolerance is not None and self.tolerance < 0:
+            raise UsageError("--tolerance must be >= 0 (accuracy points)")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def measure(model: nn.Module, bundle: DataBundle, cfg: PruneConfig, ctx: DistContext, sites: list[Site]) -> dict[str, SiteStats]:
+    """Entropy over the calibration split; per-rank counts are summed before entropies are formed."""
+    loader = eval_loader(ctx, bundle.val, cfg.eval_batch_size)
+    counts = collect_counts(_unwrap(model), loader, ctx.device, cfg.calibration_batches, sites,
+                            per_batch=cfg.entropy_mode == "batch")
+    for name in sorted(counts):  # same order on every rank
+        sc = counts[name]
+        all_reduce_sum(ctx, sc.counts)
+        all_reduce_sum(ctx, sc.batch_entropy_sum)
+        all_reduce_sum(ctx, sc.batches)
+    return stats_from_counts(counts, sites, cfg.entropy_mode)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, ds, cfg: PruneConfig, ctx: DistContext) -> float:
+    """Top-1 (percent) over a split, exact across ranks (correct/seen are summed)."""
+    net = _unwrap(model)
+    was = net.training
+    net.eval()
+    tally = torch.zeros(2, dtype=torch.int64)
+    for x, y in eval_loader(ctx, ds, cfg.eval_batch_size):
+        out = net(x.to(ctx.device))
+        tally[0] += int((out.argmax(1).cpu() == y).sum())
+        tally[1] += len(y)
+    net.train(was)
+    all_reduce_sum(ctx, tally)
+    return 100.0 * int(tally[0]) / max(int(tally[1]), 1)
+
+
+def finetune(model: nn.Module, bundle: DataBundle, tcfg: TrainConfig, masks: M.Masks | None,
+             ctx: DistContext, seed: int, desc: str, progress: bool) -> list[dict[str, float]]:
+    """Fine-tune (DDP-wrapped under torchrun); masks enforced after every step."""
+    net = _unwrap(model)
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(net, device_ids=[ctx.local_rank] if ctx.backend == "nccl" else None)
+    opt = make_optimizer(net, tcfg)
+    if masks:
+        M.enforce_masks(net, masks)
+    loader = train_loader(ctx, bundle.train, tcfg.batch_size, seed)
+    history = []
+    for epoch in range(tcfg.epochs):
+        lr = lr_at(tcfg, epoch)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        set_epoch(loader, epoch)
+        if not ctx.enabled:  # single process: a fresh seeded shuffle per epoch, resumable
+            loader.generator.manual_seed(seed * 1000 + epoch)
+        show = f"{desc} epoch {epoch + 1}/{tcfg.epochs}" if progress and ctx.is_main else None
+        loss_sum, correct, seen = train_one_epoch(model, loader, opt, masks, ctx.device, show)
+        tally = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
+        all_reduce_sum(ctx, tally)
+        history.append({"epoch": epoch + 1, "lr": lr, "loss": float(tally[0] / tally[2].clamp_min(1)),
+                        "acc": float(100 * tally[1] / tally[2].clamp_min(1))})
+    return history
+
+
+def layer_states(model: nn.Module, layers: list[str], stats: dict[str, SiteStats], feeds: dict[str, str]) -> list[LayerState]:
+    params = dict(_unwrap(model).named_parameters())
+    out = []
+    for layer in layers:
+        w = params[M.weight_param(layer)].detach()
+        nz = w[w != 0]
+        site = feeds.get(layer)
+        h = stats[site].entropy if site in stats else 0.0
+        out.append(LayerState(layer, h, float(nz.abs().mean()) if nz.numel() else 0.0, int(nz.numel())))
+    return out
+
+
+def prune_step(model: nn.Module, cfg: PruneConfig, masks: M.Masks, layers: list[str], all_layers: list[str],
+               stats: dict[str, SiteStats], feeds: dict[str, str], ctx: DistContext) -> tuple[M.Masks, dict]:
+    """One pruning decision. Deterministic given the (reduced) stats and the weights, so every
+    rank computes the same masks; rank 0's are broadcast anyway as a guard."""
+    net = _unwrap(model)
+    params = dict(net.named_parameters())
+    if cfg.method == "egp":
+        alloc = allocate(layer_states(net, layers, stats, feeds), cfg.rate)
+        new = dict(masks)
+        for layer, n in alloc.prune.items():
+            if n:
+                key = M.weight_param(layer)
+                new[key] = M.prune_smallest(params[key], masks[key], n)
+        info = alloc.to_json()
+    else:  # IMP: global L1 over every conv/linear weight at the same rate
+        remaining = sum(int(m.sum()) for m in masks.values())
+        n = int(round(cfg.rate * remaining))
+        new = M.prune_global_smallest({k: params[k] for k in masks}, masks, n)
+        info = {"prune_total": n}
+    ordered = [new[k] for k in sorted(new)]
+    broadcast_tensors(ctx, ordered)
+    new = dict(zip(sorted(new), ordered))
+    M.apply_masks(net, new)
+    return new, info
+
+
+def _record(iteration: int, model: nn.Module, cfg: PruneConfig, bundle: DataBundle, ctx: DistContext,
+            sites: list[Site], layers: list[str], all_layers: list[str], extra: dict) -> dict[str, Any]:
+    net = _unwrap(model)
+    stats = measure(net, bundle, cfg, ctx, sites)
+    zero_out = M.zero_output_channels(net, layers)
+    return {
+        "iteration": iteration,
+        "method": cfg.method,
+        "sparsity_prunable": M.sparsity(net, layers),
+        "sparsity_all": M.sparsity(net, all_layers),
+        "val_acc": accuracy(net, bundle.val, cfg, ctx),
+        "test_acc": accuracy(net, bundle.test, cfg, ctx),
+        "entropy": {k: v.entropy for k, v in stats.items()},
+        "sites": {k: v.summary() for k, v in stats.items()},
+        "zero_entropy_sites": [k for k, v in stats.items() if v.zero_entropy],
+        "all_zero_layers": M.all_zero_layers(net, layers),
+        "zero_output_channels": sum(zero_out.values()),
+        "output_channels": sum(int(dict(net.named_parameters())[M.weight_param(l)].shape[0]) for l in layers),
+        **extra,
+    }
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    log: dict[str, Any]
+    best_iteration: int
+    best_path: Path
+
+
+def _checkpoint(model: nn.Module, base: Checkpoint, rec: dict, cfg: PruneConfig, bundle: DataBundle, layers: list[str]) -> Checkpoint:
+    meta = dict(base.metadata)
+    meta.update({
+        "data": bundle.spec, "method": cfg.method, "iteration": rec["iteration"],
+        "sparsity_prunable": rec["sparsity_prunable"], "sparsity_all": rec["sparsity_all"],
+        "sparsity": rec["sparsity_prunable"], "test_acc": rec["test_acc"], "val_acc": rec["val_acc"],
+        "entropy": rec["entropy"], "zero_entropy_sites": rec["zero_entropy_sites"],
+        "all_zero_layers": rec["all_zero_layers"], "prunable_layers": layers, "recipe": cfg.to_json(),
+    })
+    return Checkpoint(base.arch, base.arch_kwargs, _unwrap(model).state_dict(), base.input_shape, base.num_classes, meta)
+
+
+def _within(rec: dict, dense_acc: float, tol: float | None) -> bool:
+    return tol is None or dense_acc - rec["test_acc"] <= tol + 1e-9
+
+
+def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir: str | Path,
+                ctx: DistContext = DistContext(), resume: bool = False, progress: bool = True) -> RunResult:
+    """Prune ``start`` (a dense or partly pruned checkpoint) for ``cfg.iterations`` iterations."""
+    cfg.validate()
+    out = Path(out_dir)
+    log_path = out / "log.json"
+    model = start.build_model().to(ctx.device)
+    sites = find_sites(model)
+    layers = prunable_layers(model, sites)
+    all_layers = all_weight_layers(model)
+    feeds = {s.feeder: s.name for s in sites if s.feeder}
+    masked_layers = layers if cfg.method == "egp" else all_layers
+
+    log: dict[str, Any] = {"format": LOG_FORMAT, "arch": start.arch, "arch_kwargs": start.arch_kwargs,
+                           "data": bundle.spec, "config": cfg.to_json(), "prunable_layers": layers,
+                           "sites": [asdict(s) for s in sites], "iterations": [], "world_size": ctx.world_size}
+    if resume and log_path.is_file():
+        import json
+
+        log = json.loads(log_path.read_text())
+        last = log["iterations"][-1]["iteration"] if log["iterations"] else None
+        if last is not None:
+            model = load_checkpoint(out / f"iter_{last:02d}.pt", expected_arch=start.arch).build_model().to(ctx.device)
+    elif ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    barrier(ctx)
+
+    if not log["iterations"]:  # iteration 0: the starting model
+        rec = _record(0, model, cfg, bundle, ctx, sites, layers, all_layers, {"seconds": 0.0})
+        log["iterations"].append(rec)
+        _save(out, 0, model, start, rec, cfg, bundle, layers, log, ctx)
+    dense_acc = log["iterations"][0]["test_acc"]
+    masks = M.masks_from_zeros(model, masked_layers)
+
+    from tqdm.auto import tqdm
+
+    done = log["iterations"][-1]["iteration"]
+    bar = tqdm(range(done + 1, cfg.iterations + 1), desc=f"{cfg.method} iterations", disable=not (progress and ctx.is_main),
+               initial=done, total=cfg.iterations, dynamic_ncols=True)
+    for it in bar:
+        if log.get("stopped"):
+            break
+        t0 = time.perf_counter()
+        stats = measure(model, bundle, cfg, ctx, sites)
+        masks, info = prune_step(model, cfg, masks, layers, all_layers, stats, feeds, ctx)
+        hist = finetune(model, bundle, cfg.finetune, masks, ctx, cfg.seed * 7919 + it, f"iter {it}", progress)
+        rec = _record(it, model, cfg, bundle, ctx, sites, layers, all_layers,
+                      {"allocation": info, "finetune": hist, "seconds": time.perf_counter() - t0})
+        log["iterations"].append(rec)
+        if not _within(rec, dense_acc, cfg.tolerance):
+            log["stopped"] = f"iteration {it}: test accuracy {rec['test_acc']:.2f} dropped more than {cfg.tolerance} points below {dense_acc:.2f}"
+        _save(out, it, model, start, rec, cfg, bundle, layers, log, ctx)
+        bar.set_postfix(sparsity=f"{rec['sparsity_prunable']:.3f}", acc=f"{rec['test_acc']:.1f}",
+                        zero_H=len(rec["zero_entropy_sites"]))
+        if log.get("stopped"):
+            break
+    best = log["best_iteration"]
+    return RunResult(out, log, best, out / "best.pt")
+
+
+def _save(out: Path, it: int, model: nn.Module, start: Checkpoint, rec: dict, cfg: PruneConfig,
+          bundle: DataBundle, layers: list[str], log: dict, ctx: DistContext) -> None:
+    """Rank 0 writes the iteration checkpoint, best.pt, the log and the plot; the log goes last,
+    so a run killed in between resumes from the previous iteration."""
+    dense_acc = log["iterations"][0]["test_acc"]
+    ok = [r for r in log["iterations"] if _within(r, dense_acc, cfg.tolerance)]
+    best = max(ok, key=lambda r: (r["sparsity_prunable"], r["test_acc"]))["iteration"]
+    log["best_iteration"] = best
+    if ctx.is_main:
+        ckpt = _checkpoint(model, start, rec, cfg, bundle, layers)
+        save_checkpoint(out / f"iter_{it:02d}.pt", ckpt)
+        if best == it:
+            save_checkpoint(out / "best.pt", ckpt)
+        plot_entropy(log, out / "entropy.png")
+        write_json_atomic(out / "log.json", log)
+    barrier(ctx)
+
+
+def plot_entropy(log: dict, path: Path) -> None:
+    """Heat map: layer entropy per activation site (columns) per iteration (rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = log["iterations"]
+    names = list(recs[0]["entropy"])
+    grid = [[r["entropy"].get(n, 0.0) for n in names] for r in recs]
+    fig, ax = plt.subplots(figsize=(max(6, 0.38 * len(names) + 2), 1.2 + 0.42 * len(recs)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-9, max(map(max, grid))))
+    ax.set_xticks(range(len(names)), names, rotation=70, ha="right", fontsize=7)
+    ax.set_yticks(range(len(recs)), [f"{r['iteration']} ({100 * r['sparsity_prunable']:.1f}%)" for r in recs], fontsize=8)
+    for i, r in enumerate(recs):
+        for j, n in enumerate(names):
+            if r["entropy"].get(n, 1.0) == 0.0:
+                ax.text(j, i, "0", ha="center", va="center", color="white", fontsize=7)
+    ax.set_ylabel("iteration (sparsity)")
+    ax.set_title(f"{log['arch']} {log['config']['method'].upper()}: layer entropy (bits); 0 = collapsible")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
