@@ -46,6 +46,7 @@ def prune(
     iterations: int = typer.Option(9, "--iterations", "-n", help="Pruning iterations (nominal sparsity 1 - (1-rate)^n)."),
     rate: float = typer.Option(0.5, "--rate", help="Fraction of the remaining prunable weights removed per iteration."),
     tolerance: Optional[float] = typer.Option(None, "--tolerance", "-t", help="Stop once test accuracy falls more than this many points below the start; best.pt is the most pruned model within it."),
+    patience: int = typer.Option(1, "--patience", help="With --tolerance: stop only after this many consecutive iterations beyond it."),
     epochs: int = typer.Option(8, "--epochs", "-e", help="Fine-tuning epochs after each pruning step."),
     lr: float = typer.Option(0.05, "--lr", help="Fine-tuning learning rate (SGD)."),
     dense_epochs: int = typer.Option(30, "--dense-epochs", help="Epochs to train the dense model when SOURCE is an architecture name."),
@@ -76,7 +77,7 @@ def prune(
         torch.manual_seed(seed)
         ft = TrainConfig(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                          batch_size=batch_size, schedule=schedule)
-        cfg = PruneConfig(method=method, iterations=iterations, rate=rate, tolerance=tolerance, finetune=ft,
+        cfg = PruneConfig(method=method, iterations=iterations, rate=rate, tolerance=tolerance, patience=patience, finetune=ft,
                           entropy_mode=entropy_mode, calibration_batches=calibration_batches, seed=seed)
         cfg.validate()
         if schedule not in ("cosine", "step", "constant"):

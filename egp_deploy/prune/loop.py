@@ -42,6 +42,7 @@ class PruneConfig:
     iterations: int = 9
     rate: float = 0.5  # fraction of the remaining (prunable) weights removed per iteration
     tolerance: float | None = None  # stop once test accuracy drops more than this many points
+    patience: int = 1  # ... for this many consecutive iterations (small test sets are noisy)
     finetune: TrainConfig = field(default_factory=TrainConfig)
     entropy_mode: str = "dataset"  # "dataset" | "batch"
     calibration_batches: int | None = None  # None: the whole calibration (val) split
@@ -60,6 +61,8 @@ class PruneConfig:
             raise UsageError("--iterations must be >= 0")
         if not 0.0 < self.rate < 1.0:
             raise UsageError(f"--rate must be in (0, 1), got {self.rate}")
+        if self.patience < 1:
+            raise UsageError("--patience must be >= 1")
         if self.tolerance is not None and self.tolerance < 0:
             raise UsageError("--tolerance must be >= 0 (accuracy points)")
 
@@ -259,8 +262,10 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
         rec = _record(it, model, cfg, bundle, ctx, sites, layers, all_layers,
                       {"allocation": info, "finetune": hist, "seconds": time.perf_counter() - t0})
         log["iterations"].append(rec)
-        if not _within(rec, dense_acc, cfg.tolerance):
-            log["stopped"] = f"iteration {it}: test accuracy {rec['test_acc']:.2f} dropped more than {cfg.tolerance} points below {dense_acc:.2f}"
+        recent = log["iterations"][-cfg.patience:]
+        if len(recent) == cfg.patience and not any(_within(r, dense_acc, cfg.tolerance) for r in recent):
+            log["stopped"] = (f"iteration {it}: test accuracy {rec['test_acc']:.2f} more than {cfg.tolerance} points "
+                              f"below {dense_acc:.2f} for {cfg.patience} iteration(s)")
         _save(out, it, model, start, rec, cfg, bundle, layers, log, ctx)
         bar.set_postfix(sparsity=f"{rec['sparsity_prunable']:.3f}", acc=f"{rec['test_acc']:.1f}",
                         zero_H=len(rec["zero_entropy_sites"]))
