@@ -1,10 +1,10 @@
 """Make the shipped reference checkpoints in models/ (dense and EGP-pruned ResNet-18 on digits).
 
-    python tools/make_reference_models.py            # ~7 min on 2 CPU cores
+    python tools/make_reference_models.py            # ~10 min on 2 CPU cores
 
 Runs exactly:
     egp-prune resnet18 --arch-kwargs width=16 --dense-epochs 30 --epochs 14 --lr 0.05 \
-        --iterations 9 --tolerance 1.0 --patience 2 --seed 0 -o runs/reference_resnet18 -q
+        --iterations 12 --tolerance 1.0 --patience 2 --seed 0 -o runs/reference_resnet18 -q
 then copies dense.pt -> models/resnet18_digits_dense.pt and best.pt -> models/resnet18_digits_egp.pt
 and prints the figures models/README.md quotes.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COMMAND = [
     "resnet18", "--arch-kwargs", "width=16", "--dense-epochs", "30", "--epochs", "14", "--lr", "0.05",
-    "--iterations", "9", "--tolerance", "1.0", "--patience", "2", "--seed", "0", "-q",
+    "--iterations", "12", "--tolerance", "1.0", "--patience", "2", "--seed", "0", "-q",
 ]
 
 

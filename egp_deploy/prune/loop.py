@@ -197,7 +197,8 @@ class RunResult:
     best_path: Path
 
 
-def _checkpoint(model: nn.Module, base: Checkpoint, rec: dict, cfg: PruneConfig, bundle: DataBundle, layers: list[str]) -> Checkpoint:
+def _checkpoint(model: nn.Module, base: Checkpoint, rec: dict, cfg: PruneConfig, bundle: DataBundle,
+                layers: list[str], dense_acc: float) -> Checkpoint:
     meta = dict(base.metadata)
     meta.update({
         "data": bundle.spec, "method": cfg.method, "iteration": rec["iteration"],
@@ -206,7 +207,13 @@ def _checkpoint(model: nn.Module, base: Checkpoint, rec: dict, cfg: PruneConfig,
         "entropy": rec["entropy"], "zero_entropy_sites": rec["zero_entropy_sites"],
         "all_zero_layers": rec["all_zero_layers"], "prunable_layers": layers, "recipe": cfg.to_json(),
     })
+    meta["dense_test_acc"] = dense_acc
     return Checkpoint(base.arch, base.arch_kwargs, _unwrap(model).state_dict(), base.input_shape, base.num_classes, meta)
+
+
+def _dense_acc(log: dict, start: Checkpoint) -> float:
+    """The tolerance is measured against the DENSE model, also when a run starts from a pruned one."""
+    return float(start.metadata.get("dense_test_acc", log["iterations"][0]["test_acc"]))
 
 
 def _within(rec: dict, dense_acc: float, tol: float | None) -> bool:
@@ -244,7 +251,7 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
         rec = _record(0, model, cfg, bundle, ctx, sites, layers, all_layers, {"seconds": 0.0})
         log["iterations"].append(rec)
         _save(out, 0, model, start, rec, cfg, bundle, layers, log, ctx)
-    dense_acc = log["iterations"][0]["test_acc"]
+    dense_acc = _dense_acc(log, start)
     masks = M.masks_from_zeros(model, masked_layers)
 
     from tqdm.auto import tqdm
@@ -279,12 +286,12 @@ def _save(out: Path, it: int, model: nn.Module, start: Checkpoint, rec: dict, cf
           bundle: DataBundle, layers: list[str], log: dict, ctx: DistContext) -> None:
     """Rank 0 writes the iteration checkpoint, best.pt, the log and the plot; the log goes last,
     so a run killed in between resumes from the previous iteration."""
-    dense_acc = log["iterations"][0]["test_acc"]
+    dense_acc = _dense_acc(log, start)
     ok = [r for r in log["iterations"] if _within(r, dense_acc, cfg.tolerance)]
     best = max(ok, key=lambda r: (r["sparsity_prunable"], r["test_acc"]))["iteration"]
     log["best_iteration"] = best
     if ctx.is_main:
-        ckpt = _checkpoint(model, start, rec, cfg, bundle, layers)
+        ckpt = _checkpoint(model, start, rec, cfg, bundle, layers, dense_acc)
         save_checkpoint(out / f"iter_{it:02d}.pt", ckpt)
         if best == it:
             save_checkpoint(out / "best.pt", ckpt)
