@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def main() -> int:
                                       "--iterations", "0", "-o", str(out / "dense"), "-q")
         dense = out / "dense" / "dense.pt"
 
-    iters, epochs = ("3", "3") if args.quick else ("6", "8")
+    iters, epochs = ("2", "2") if args.quick else ("7", "8")
     _, times["prune"] = run("prune", str(dense), "--method", "egp", "--iterations", iters, "--epochs", epochs,
                             "--tolerance", "1.0", "--patience", "2", "-o", str(out / "prune"), "-q")
     _, times["export dense"] = run("export", str(dense), "--no-surgery", "-o", str(out / "dense.onnx"))
@@ -84,7 +85,7 @@ def main() -> int:
         _, times["build"] = run("build", str(out / "pruned.egp.onnx"), "-o", str(out / "pruned.egp.engine"))
     else:
         console.rule("[bold]build")
-        console.print(f"skipped the TensorRT engine: {trt_reason}")
+        console.print(f"skipped the TensorRT engine: {escape(trt_reason)}")
 
     log = json.loads((out / "prune" / "log.json").read_text())
     start, best = log["iterations"][0], log["iterations"][log["best_iteration"]]
@@ -99,19 +100,10 @@ def main() -> int:
     return 0
 
 
-def _find(d: dict, *keys, default=None):
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return default
-        d = d[k]
-    return d
-
-
 def summarize(start, best, report, bench, check, trt_reason, times, out: Path) -> dict:
     models = bench.get("models", [])
-    ratio = {Path(m.get("path", m.get("model", "?"))).name: m.get("ratio") for m in models}
-    before = _find(report, "surgery", "metrics", "before") or _find(report, "metrics", "before") or {}
-    after = _find(report, "surgery", "metrics", "after") or _find(report, "metrics", "after") or {}
+    ratio = {Path(m["path"]).name: m["ratio_to_first"] for m in models[1:]}
+    before, after = report["metrics_exported"], report["metrics_surgered"]
     sites = len(start["entropy"])
     return {
         "dense_test_acc": start["test_acc"],
@@ -124,7 +116,8 @@ def summarize(start, best, report, bench, check, trt_reason, times, out: Path) -
         "activations": [before.get("activations"), after.get("activations")],
         "longest_path": [before.get("longest_path_layers"), after.get("longest_path_layers")],
         "macs_dense": [before.get("macs_dense"), after.get("macs_dense")],
-        "verification": _find(report, "surgery", "verification") or _find(report, "verification"),
+        "verification": {k: report["surgery"]["verification"].get(k) for k in ("calibration", "held_out")},
+        "layers_removed": report["surgery"].get("layers_removed"),
         "latency_ratio_vs_dense": ratio,
         "check": {"verdict": check.get("verdict"), "budget_ms": check.get("budget_ms"),
                   "measured_ms": check.get("measured_ms"), "percentile": check.get("percentile")},
@@ -145,14 +138,16 @@ def print_summary(s: dict) -> None:
     for key, label in (("conv_gemm_layers", "conv/gemm layers"), ("activations", "activations"),
                        ("longest_path", "longest path (conv/gemm)"), ("macs_dense", "MACs")):
         a, b = s[key]
-        t.add_row(f"{label}: exported -> surgered", f"{a:,} -> {b:,}" if a is not None and b is not None else "n/a")
+        t.add_row(f"{label}: exported -> surgered", f"{a:,} -> {b:,}")
+    for part in ("calibration", "held_out"):
+        v = s["verification"].get(part) or {}
+        t.add_row(f"verification ({part.replace('_', '-')})",
+                  f"rel. err {v.get('rel_error', float('nan')):.1e}, top-1 agree {v.get('top1_agreement', float('nan')):.1%}")
     for name, r in s["latency_ratio_vs_dense"].items():
-        if isinstance(r, dict):
-            r = f"{r.get('median', float('nan')):.3f} ({r.get('min', float('nan')):.3f}-{r.get('max', float('nan')):.3f})"
-        t.add_row(f"latency ratio {name} / dense.onnx", str(r))
+        t.add_row(f"latency {name} / dense.onnx (ORT CPU, b=1)", f"{r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f})")
     c = s["check"]
-    t.add_row("egp-check", f"{c['verdict']} ({c['measured_ms']} ms p{c['percentile']} vs {c['budget_ms']} ms)")
-    t.add_row("TensorRT engine", s["tensorrt"])
+    t.add_row("egp-check", f"{c['verdict']}: p{c['percentile']:g} {c['measured_ms']:.3f} ms vs budget {c['budget_ms']:g} ms")
+    t.add_row("TensorRT engine", escape(s["tensorrt"]))
     console.print(t)
     console.print("artefacts:")
     for name, path in s["artefacts"].items():
