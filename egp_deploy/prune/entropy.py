@@ -44,9 +44,10 @@ def region_counts(x: torch.Tensor, kind: str) -> torch.Tensor:
     cdim = channel_dim(x.ndim) % x.ndim
     dims = tuple(d for d in range(x.ndim) if d != cdim)
     total = x.numel() // x.shape[cdim]
-    on_or_above = (x > 0).sum(dim=dims)  # bool sum -> int64
+    # int32 accumulation is ~2x faster than the default int64 bool sum; one batch cannot overflow it
+    on_or_above = (x > 0).sum(dim=dims, dtype=torch.int32).long()
     if kind == "relu6":
-        sat = (x >= 6).sum(dim=dims)
+        sat = (x >= 6).sum(dim=dims, dtype=torch.int32).long()
         return torch.stack([total - on_or_above, on_or_above - sat, sat], dim=1)
     return torch.stack([total - on_or_above, on_or_above], dim=1)
 
