@@ -10,6 +10,7 @@ ratio (median, min, max). Writes docs/results/bench_entropy.json.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -19,6 +20,17 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (platform.processor() is empty on most Linux systems)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main() -> int:
@@ -51,6 +63,7 @@ def main() -> int:
     def entropy() -> None:
         measure_entropy(model, batches, sites=sites)
 
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # a busy shared machine is noisy
     plain(), entropy()  # warm-up
     t_plain, t_entropy, ratios = [], [], []
     for _ in range(args.rounds):
@@ -70,7 +83,8 @@ def main() -> int:
         "rounds": args.rounds, "ratio": {"median": med, "min": min(ratios), "max": max(ratios)},
         "plain_s_median": statistics.median(t_plain), "entropy_s_median": statistics.median(t_entropy),
         "goal": 1.3, "met": med <= 1.3,
-        "environment": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+        "environment": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "threads": args.threads,
+                        "load_average_1min_before": load_before,
                         "torch": torch.__version__, "python": platform.python_version(),
                         "date": time.strftime("%Y-%m-%d")},
     }

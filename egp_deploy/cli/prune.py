@@ -45,15 +45,15 @@ def prune(
     data: Optional[str] = typer.Option(None, "--data", "-d", help="digits (bundled, default), cifar10:DIR, folder:DIR or plugin:module:function. Default: the checkpoint's data, else digits."),
     iterations: int = typer.Option(9, "--iterations", "-n", help="Pruning iterations (nominal sparsity 1 - (1-rate)^n)."),
     rate: float = typer.Option(0.5, "--rate", help="Fraction of the remaining prunable weights removed per iteration."),
-    tolerance: Optional[float] = typer.Option(None, "--tolerance", "-t", help="Stop once test accuracy falls more than this many points below the start; best.pt is the most pruned model within it."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", "-t", help="Stop once test accuracy falls more than this many points below the DENSE model (the dense accuracy a pruned checkpoint records, else the start's); best.pt is the most pruned model within it. Default: no tolerance, run all iterations."),
     patience: int = typer.Option(1, "--patience", help="With --tolerance: stop only after this many consecutive iterations beyond it."),
     epochs: int = typer.Option(8, "--epochs", "-e", help="Fine-tuning epochs after each pruning step."),
     lr: float = typer.Option(0.05, "--lr", help="Fine-tuning learning rate (SGD)."),
     dense_epochs: int = typer.Option(30, "--dense-epochs", help="Epochs to train the dense model when SOURCE is an architecture name."),
     dense_lr: float = typer.Option(0.05, "--dense-lr", help="Learning rate of the dense training."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Training batch size (per rank under torchrun)."),
-    momentum: float = typer.Option(0.9, "--momentum"),
-    weight_decay: float = typer.Option(1e-4, "--weight-decay"),
+    momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum (dense training and fine-tuning)."),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay", help="SGD weight decay on conv/linear weights (not on BN or biases)."),
     schedule: str = typer.Option("cosine", "--schedule", help="Per-epoch LR schedule: cosine, step (x0.1 at 50%/75%) or constant."),
     entropy_mode: str = typer.Option("dataset", "--entropy-mode", help="dataset: one p per channel over the whole split (batch-size independent); batch: mean of per-batch entropies (the official code)."),
     calibration_batches: Optional[int] = typer.Option(None, "--calibration-batches", help="Limit entropy measurement to this many batches of 256 (default: the whole val split)."),
@@ -117,7 +117,14 @@ def prune(
         result = run_pruning(start, bundle, cfg, out, ctx, resume=resume, progress=not quiet)
         if ctx.is_main:
             print_summary(result.log, result.best_iteration)
-            stdout.print(f"best (within tolerance): iteration {result.best_iteration} -> {result.best_path}")
+            if tolerance is None:
+                stdout.print(f"best (no --tolerance: the last iteration): iteration {result.best_iteration} -> {result.best_path}")
+            elif result.log.get("best_within_tolerance", True):
+                stdout.print(f"best (the most pruned within {tolerance} points of dense): iteration "
+                             f"{result.best_iteration} -> {result.best_path}")
+            else:
+                stdout.print(f"no iteration is within the tolerance of the dense model; best.pt is the most "
+                             f"accurate one: iteration {result.best_iteration} -> {result.best_path}")
             stdout.print(f"log: {out / 'log.json'}   plot: {out / 'entropy.png'}")
             if result.log.get("stopped"):
                 stdout.print(f"stopped early: {result.log['stopped']}")

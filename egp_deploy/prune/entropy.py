@@ -39,15 +39,26 @@ def channel_dim(ndim: int) -> int:
     return -1 if ndim == 3 else 1
 
 
+def _per_channel_count(flags: torch.Tensor, cdim: int) -> torch.Tensor:
+    """True entries per channel of a bool tensor, as int64 (C,).
+
+    Summing the contiguous positions of each (sample, channel) first and then the samples is ~2x
+    faster than one reduction over dims (0, 2, 3) of an NCHW tensor; int32 accumulation is ~2x
+    faster than the default int64 bool sum, and one batch cannot overflow it."""
+    if cdim == flags.ndim - 1:  # (N, C) and (N, L, C): channel last
+        per = flags.reshape(-1, flags.shape[-1]).sum(0, dtype=torch.int32)
+    else:  # (N, C, *spatial)
+        per = flags.reshape(flags.shape[0], flags.shape[1], -1).sum(-1, dtype=torch.int32).sum(0, dtype=torch.int32)
+    return per.long()
+
+
 def region_counts(x: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-channel region counts of one pre-activation tensor: int64 (C, R), R = len(REGIONS[kind])."""
     cdim = channel_dim(x.ndim) % x.ndim
-    dims = tuple(d for d in range(x.ndim) if d != cdim)
     total = x.numel() // x.shape[cdim]
-    # int32 accumulation is ~2x faster than the default int64 bool sum; one batch cannot overflow it
-    on_or_above = (x > 0).sum(dim=dims, dtype=torch.int32).long()
+    on_or_above = _per_channel_count(x > 0, cdim)
     if kind == "relu6":
-        sat = (x >= 6).sum(dim=dims, dtype=torch.int32).long()
+        sat = _per_channel_count(x >= 6, cdim)
         return torch.stack([total - on_or_above, on_or_above - sat, sat], dim=1)
     return torch.stack([total - on_or_above, on_or_above], dim=1)
 
@@ -158,6 +169,8 @@ def collect_counts(
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
                 y = model(x.to(device))
                 if not torch.isfinite(y).all():
+                    if x.is_floating_point() and not torch.isfinite(x).all():
+                        raise NonFiniteError("calibration data contains NaN/Inf values")
                     raise NonFiniteError("model outputs NaN/Inf during entropy measurement")
     finally:
         for h in handles:

@@ -25,7 +25,7 @@ from egp_deploy.data import DataBundle
 from egp_deploy.distributed import (
     DistContext, all_reduce_sum, barrier, broadcast_tensors, eval_loader, set_epoch, train_loader,
 )
-from egp_deploy.errors import UsageError
+from egp_deploy.errors import InputFileError, UsageError
 from egp_deploy.io_utils import atomic_path, write_json_atomic
 from egp_deploy.prune import masks as M
 from egp_deploy.prune.allocation import LayerState, allocate
@@ -239,8 +239,18 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
     if resume and log_path.is_file():
         import json
 
-        log = json.loads(log_path.read_text())
-        last = log["iterations"][-1]["iteration"] if log["iterations"] else None
+        try:
+            log = json.loads(log_path.read_text())
+            before = log["config"]
+            last = log["iterations"][-1]["iteration"] if log["iterations"] else None
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise InputFileError(f"cannot resume: {log_path} is not a readable prune log ({type(e).__name__}: {e})") from None
+        # continuing with another method or rate would silently mix two schedules in one run
+        for key in ("method", "rate"):
+            if before.get(key) != getattr(cfg, key):
+                raise UsageError(f"cannot resume: {out} holds a run with {key} {before.get(key)!r}, "
+                                 f"this command asks for {getattr(cfg, key)!r}")
+        before.update(iterations=cfg.iterations, tolerance=cfg.tolerance, patience=cfg.patience)  # "resume to N"
         if last is not None:
             model = load_checkpoint(out / f"iter_{last:02d}.pt", expected_arch=start.arch).build_model().to(ctx.device)
     elif ctx.is_main:
@@ -288,8 +298,12 @@ def _save(out: Path, it: int, model: nn.Module, start: Checkpoint, rec: dict, cf
     so a run killed in between resumes from the previous iteration."""
     dense_acc = _dense_acc(log, start)
     ok = [r for r in log["iterations"] if _within(r, dense_acc, cfg.tolerance)]
-    best = max(ok, key=lambda r: (r["sparsity_prunable"], r["test_acc"]))["iteration"]
+    if ok:
+        best = max(ok, key=lambda r: (r["sparsity_prunable"], r["test_acc"]))["iteration"]
+    else:  # a start already beyond the tolerance (a pruned checkpoint): keep the most accurate model
+        best = max(log["iterations"], key=lambda r: (r["test_acc"], -r["iteration"]))["iteration"]
     log["best_iteration"] = best
+    log["best_within_tolerance"] = bool(ok)
     if ctx.is_main:
         ckpt = _checkpoint(model, start, rec, cfg, bundle, layers, dense_acc)
         save_checkpoint(out / f"iter_{it:02d}.pt", ckpt)

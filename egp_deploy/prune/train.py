@@ -69,6 +69,8 @@ def train_one_epoch(
 ) -> tuple[float, int, int]:
     """One pass; returns (loss sum, correct, samples). Raises NonFiniteError on a NaN/Inf loss."""
     model.train()
+    # masks are keyed by the bare model's parameter names; a DDP wrapper prefixes them with "module."
+    net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     loss_sum, correct, seen = 0.0, 0, 0
     it = tqdm(loader, desc=progress, leave=False, disable=progress is None, dynamic_ncols=True)
     for x, y in it:
@@ -76,16 +78,18 @@ def train_one_epoch(
         out = model(x)
         loss = F.cross_entropy(out, y)
         if not torch.isfinite(loss):
+            if x.is_floating_point() and not torch.isfinite(x).all():  # bad data, not a diverging run
+                raise NonFiniteError(f"training data contains NaN/Inf values (batch after {seen} samples)")
             raise NonFiniteError(
                 f"non-finite training loss ({loss.item()}) after {seen} samples: lower the learning rate"
             )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if masks:
-            enforce_masks(model, masks)  # gradients: masked weights get no update, not even momentum
+            enforce_masks(net, masks)  # gradients: masked weights get no update, not even momentum
         optimizer.step()
         if masks:
-            enforce_masks(model, masks, optimizer)  # weight decay/momentum leftovers
+            enforce_masks(net, masks, optimizer)  # weight decay/momentum leftovers
         loss_sum += loss.item() * len(y)
         correct += int((out.argmax(1) == y).sum())
         seen += len(y)

@@ -1,0 +1,124 @@
+"""EGP's water-filling budget allocation (egp_deploy/prune/allocation.py) against hand arithmetic.
+
+EGP.md:  I_l = H_l * mean|w_l|;  S = sum I_l;  B = r * nonzero weights of the live layers;
+         repeat: a_l = softmax(S / I_l), n_l = B a_l; a layer with n_l >= its remaining weights
+         goes to 100 %, leaves the pool, B -= its weights, S -= its I_l.
+(tests/test_egp_math.py has a second toy; this one also checks the softmax shares, frozen
+layers of both kinds, and invariants on random layer sets.)
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from egp_deploy.errors import UsageError
+from egp_deploy.prune.allocation import LayerState, allocate
+from egp_deploy.prune.loop import PruneConfig
+
+
+def toy() -> list[LayerState]:
+    return [
+        LayerState("big", entropy=1.0, mean_abs=0.5, remaining=1000),  # I = 0.5
+        LayerState("mid", entropy=0.5, mean_abs=0.4, remaining=400),  # I = 0.2
+        LayerState("tiny", entropy=0.1, mean_abs=0.1, remaining=40),  # I = 0.01
+        LayerState("dead", entropy=0.0, mean_abs=0.3, remaining=100),  # H = 0: frozen
+        LayerState("empty", entropy=0.7, mean_abs=0.0, remaining=0),  # nothing left: frozen
+    ]
+
+
+def test_rate_quarter_one_layer_to_100_percent_surplus_redistributed():
+    a = allocate(toy(), rate=0.25)
+    # B = 0.25 * (1000 + 400 + 40) = 360   (frozen layers' weights do not count)
+    assert a.budget == 360
+    # round 1: S = 0.5 + 0.2 + 0.01 = 0.71; S / I = 1.42 (big), 3.55 (mid), 71 (tiny)
+    #   a_tiny = 1 / (1 + e^(1.42 - 71) + e^(3.55 - 71)) = 1 - 2e-30 -> n_tiny = 360 >= 40: tiny -> 100 %
+    # round 2: B = 360 - 40 = 320, S = 0.7; S / I = 1.4 (big), 3.5 (mid)
+    #   a_mid = 1 / (1 + e^-(3.5 - 1.4)) = 1 / (1 + e^-2.1) = 1 / 1.1224564 = 0.8909031
+    #   a_big = 0.1090969
+    #   n_mid = 320 * 0.8909031 = 285.09 -> 285 (< 400, stays);  n_big = 320 * 0.1090969 = 34.91 -> 35
+    assert a.full == ["tiny"]
+    assert a.shares == pytest.approx({"big": 0.1090969, "mid": 0.8909031}, abs=1e-7)
+    assert a.prune == {"big": 35, "mid": 285, "tiny": 40, "dead": 0, "empty": 0}
+    assert sorted(a.frozen) == ["dead", "empty"]
+    # the surplus of tiny went to the others: they share 360 - 40 = 320 instead of ~0 in round 1
+    assert a.prune["big"] + a.prune["mid"] == 320
+
+
+def test_rate_half_redistributed_surplus_drives_a_second_layer_to_100_percent():
+    a = allocate(toy(), rate=0.5)
+    # B = 0.5 * 1440 = 720
+    # round 1 as above: tiny takes ~all 720 >= 40 -> 100 %;  B = 680, S = 0.7
+    # round 2: a_mid = 0.8909031 -> n_mid = 680 * 0.8909031 = 605.8 >= 400 -> mid -> 100 %
+    #          (in round 1 mid's share was e^(3.55 - 71) ~ 0: only the redistribution saturates it)
+    # round 3: B = 680 - 400 = 280, pool = {big}: a_big = 1, n_big = 280 < 1000
+    assert a.budget == 720
+    assert a.full == ["tiny", "mid"]
+    assert a.prune == {"big": 280, "mid": 400, "tiny": 40, "dead": 0, "empty": 0}
+    assert a.shares == {"big": 1.0}
+
+
+def test_rate_one_empties_every_live_layer_and_only_those():
+    a = allocate(toy(), rate=1.0)
+    assert a.prune == {"big": 1000, "mid": 400, "tiny": 40, "dead": 0, "empty": 0}
+    assert sorted(a.full) == ["big", "mid", "tiny"]
+
+
+def test_only_frozen_layers_means_nothing_is_pruned():
+    layers = [LayerState("a", 0.0, 0.2, 10), LayerState("b", 0.9, 0.0, 0)]
+    a = allocate(layers, 0.5)
+    assert a.prune == {"a": 0, "b": 0} and a.full == [] and a.budget == 0 and sorted(a.frozen) == ["a", "b"]
+
+
+def test_extreme_irrelevance_ratios_do_not_overflow():
+    # S / I spans 1e12: a naive exp() would overflow; the softmax must subtract its maximum
+    layers = [LayerState("x", 1e-12, 1e-3, 50), LayerState("y", 1.0, 1.0, 50)]
+    a = allocate(layers, 0.5)
+    # B = 50; x takes ~all of it: n_x = 50 >= 50 -> x to 100 %, B = 0 -> y gets nothing
+    assert a.prune == {"x": 50, "y": 0} and a.full == ["x"]
+
+
+@pytest.mark.parametrize("rate", [0.0, -0.1, 1.5, math.nan])
+def test_rate_validation(rate):
+    with pytest.raises(ValueError, match="rate"):
+        allocate(toy(), rate)
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0, 1.2])
+def test_prune_config_rejects_rates_outside_open_interval(rate):
+    # a run keeps something to prune next iteration: rate 1 is refused at the CLI level
+    with pytest.raises(UsageError, match="--rate"):
+        PruneConfig(rate=rate).validate()
+
+
+layer_sets = st.lists(
+    st.tuples(
+        st.sampled_from([0.0, 0.05, 0.3, 0.9, 1.0]),  # entropy
+        st.floats(1e-4, 2.0),  # mean |w|
+        st.integers(0, 500),  # remaining weights
+    ),
+    min_size=1, max_size=8,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(layer_sets, st.sampled_from([0.1, 0.3, 0.5, 0.8]))
+def test_allocation_invariants(specs, rate):
+    layers = [LayerState(f"l{i}", h, m, n) for i, (h, m, n) in enumerate(specs)]
+    a = allocate(layers, rate)
+    live = [l for l in layers if l.entropy > 0 and l.remaining > 0]
+    assert set(a.prune) == {l.name for l in layers}
+    for l in layers:
+        assert 0 <= a.prune[l.name] <= l.remaining
+        if l not in live:
+            assert a.prune[l.name] == 0 and l.name in a.frozen
+    for name in a.full:
+        assert a.prune[name] == next(l.remaining for l in layers if l.name == name)
+    budget = rate * sum(l.remaining for l in live)
+    # per-layer rounding moves the total by at most 1/2 weight per non-full layer
+    assert abs(sum(a.prune.values()) - budget) <= 0.5 * len(live) + 1e-9
+    if a.shares:
+        assert sum(a.shares.values()) == pytest.approx(1.0)
