@@ -255,6 +255,10 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
             model = load_checkpoint(out / f"iter_{last:02d}.pt", expected_arch=start.arch).build_model().to(ctx.device)
     elif ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        # a fresh run owns OUT's iteration checkpoints: one left by an older, longer run would
+        # otherwise sit beside this run's as if it belonged to it
+        for stale in out.glob("iter_[0-9][0-9].pt"):
+            stale.unlink()
     barrier(ctx)
 
     if not log["iterations"]:  # iteration 0: the starting model
