@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from egp_deploy.archs import create_model
-from egp_deploy.checkpoint import checkpoint_from_model, save_checkpoint
+from egp_deploy.checkpoint import checkpoint_from_model
 from egp_deploy.errors import DataError, InputFileError, NonFiniteError, UnsupportedError, UsageError
 
 HERE = Path(__file__).parent
@@ -72,9 +72,6 @@ def _png_folder(root: Path, channels_mode: str = "RGB") -> Path:
             Image.new(channels_mode, (8, 8), color=(i * 20, 0, 0) if channels_mode == "RGB" else i * 20).save(
                 root / cls / f"{i}.png")
     return root
-
-
-CASES: dict[str, tuple] = {}  # name -> (args builder, exit code, words in the message)
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +149,10 @@ def test_bad_input_is_one_clear_line_with_its_exit_code_and_no_files(results, na
         assert sorted(p.name for p in out.iterdir()) == ["dense.pt"]
     elif out.exists():
         assert [p for p in out.rglob("*") if p.is_file()] == []
+
+
+def test_every_prepared_case_is_checked(results):
+    assert sorted(results[0]) == sorted(BAD)
 
 
 def test_exit_codes_are_distinct_per_error_kind():

@@ -10,7 +10,6 @@ scripted accuracy sequence.)
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 

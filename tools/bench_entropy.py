@@ -1,6 +1,6 @@
 """Cost of entropy measurement vs a plain no-grad forward pass over the same data (goal <= 1.3x).
 
-    python tools/bench_entropy.py [--checkpoint models/resnet18_digits_egp.pt] [--rounds 15] [--threads 2]
+    python tools/bench_entropy.py [--checkpoint models/resnet18_digits_egp.pt] [--rounds 15] [--threads 1]
 
 Both run over the same calibration loader (digits val split, batch 256), interleaved A B A B per
 round on one process, so they see the same machine state; the figure of merit is the per-round
@@ -37,7 +37,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "resnet18_digits_dense.pt")
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="intra-op threads (1: stable on a shared machine; 2 threads on 2 busy cores time the contention)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "bench_entropy.json")
     args = ap.parse_args()

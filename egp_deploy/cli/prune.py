@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from egp_deploy.cli._common import console, new_app, run_app, stdout
+from egp_deploy.cli._common import new_app, run_app, stdout
 from egp_deploy.errors import EgpError, UsageError
 
 app = new_app(
