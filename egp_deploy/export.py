@@ -169,7 +169,7 @@ def load_source(path: str | os.PathLike, unsafe_pickle: bool = False) -> SourceM
 def _load_torch_save(path: Path, digest: str, unsafe_pickle: bool) -> SourceModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         # weights_only refuses classes: the file pickles code (an nn.Module or similar)
         if not unsafe_pickle:
             raise InputFileError(

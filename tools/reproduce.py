@@ -578,7 +578,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         "",
         "## Protocol",
         "",
-        f"- Data: digits (scikit-learn, 1797 real images upscaled to 1x32x32; train/val/test 1257/270/270). "
+        "- Data: digits (scikit-learn, 1797 real images upscaled to 1x32x32; train/val/test 1257/270/270). "
         "Entropy is measured on the val split; test accuracy on the test split.",
         f"- Dense: {st['dense_epochs']} epochs, SGD momentum 0.9, wd 1e-4, cosine LR, batch {st['batch_size']}; one "
         "checkpoint per architecture, shared by both methods.",
@@ -795,7 +795,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from egp_deploy.bench import collect_environment
     from egp_deploy.data import calibration_batch, load_data
-    from egp_deploy.io_utils import write_json_atomic
 
     torch.set_num_threads(st.threads)
     # the prune loop redraws its entropy heat map every iteration; at 2 rows matplotlib warns about margins
