@@ -149,7 +149,8 @@ def interleaved_rounds(
 # ------------------------------------------------------------------------------------------
 # Environment record
 # ------------------------------------------------------------------------------------------
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's name from /proc/cpuinfo (platform.processor() is empty on most Linux systems)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -197,7 +198,7 @@ def collect_environment(backend_details: Sequence[Mapping[str, Any]] = ()) -> di
     return {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_usable": usable,
         "gpu_name": gpu["name"],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -88,15 +88,6 @@ def all_reduce_sum(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def broadcast_object(ctx: DistContext, obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s Python object on every rank (pruning decisions, resume state)."""
-    if not ctx.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def broadcast_tensors(ctx: DistContext, tensors: list[torch.Tensor], src: int = 0) -> None:
     """Overwrite ``tensors`` with rank ``src``'s values (masks never diverge)."""
     if not ctx.enabled:
@@ -106,15 +97,6 @@ def broadcast_tensors(ctx: DistContext, tensors: list[torch.Tensor], src: int = 
         dist.broadcast(moved, src=src)
         if moved is not t:
             t.copy_(moved.to(t.device))
-
-
-def any_rank_failed(ctx: DistContext, failed: bool) -> bool:
-    """True on every rank if any rank reports failure (so all stop together, rank 0 says why)."""
-    if not ctx.enabled:
-        return failed
-    flag = torch.tensor([1 if failed else 0], dtype=torch.int64)
-    all_reduce_sum(ctx, flag)
-    return bool(flag.item())
 
 
 class ShardSampler(Sampler[int]):

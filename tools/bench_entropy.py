@@ -19,18 +19,10 @@ from pathlib import Path
 
 import torch
 
+from egp_deploy.bench import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def cpu_model() -> str:
-    """The CPU's marketing name (platform.processor() is empty on most Linux systems)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> int:

@@ -30,6 +30,7 @@ import onnxruntime  # noqa: E402
 import torch  # noqa: E402
 
 from egp_deploy.archs import create_model  # noqa: E402
+from egp_deploy.bench import cpu_model  # noqa: E402
 from egp_deploy.checkpoint import checkpoint_from_model, save_checkpoint  # noqa: E402
 from egp_deploy.export import export_model, load_source  # noqa: E402
 from egp_deploy.io_utils import write_bytes_atomic, write_json_atomic  # noqa: E402
@@ -148,7 +149,7 @@ def main() -> int:
         "input_shape": [1, 3, args.size, args.size], "samples": args.samples, "repeats": args.repeats,
         "import_seconds": IMPORT_SECONDS,
         "environment": {
-            "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "threads": args.threads,
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": args.threads,
             "python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,
         },
@@ -158,15 +159,6 @@ def main() -> int:
     console.print(f"wrote {path}")
     return 0
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from egp_deploy.bench import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DENSE = ROOT / "models" / "resnet18_digits_dense.pt"
 
@@ -85,15 +87,6 @@ def dense_start(args):
     save_checkpoint(path, start)
     return start, bundle, rel(path)
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def rel(path) -> str:

@@ -29,7 +29,9 @@ from egp_deploy.errors import InputFileError, UsageError
 from egp_deploy.io_utils import atomic_path, write_json_atomic
 from egp_deploy.prune import masks as M
 from egp_deploy.prune.allocation import LayerState, allocate
-from egp_deploy.prune.entropy import SiteStats, collect_counts, stats_from_counts
+from egp_deploy.prune.entropy import (
+    SiteStats, collect_counts, layer_entropies, stats_from_counts, zero_entropy_sites,
+)
 from egp_deploy.prune.sites import Site, all_weight_layers, find_sites, prunable_layers
 from egp_deploy.prune.train import TrainConfig, lr_at, make_optimizer, train_one_epoch
 
@@ -168,9 +170,8 @@ def prune_step(model: nn.Module, cfg: PruneConfig, masks: M.Masks, layers: list[
 
 
 def _record(iteration: int, model: nn.Module, cfg: PruneConfig, bundle: DataBundle, ctx: DistContext,
-            sites: list[Site], layers: list[str], all_layers: list[str], extra: dict) -> dict[str, Any]:
+            stats: dict[str, SiteStats], layers: list[str], all_layers: list[str], extra: dict) -> dict[str, Any]:
     net = _unwrap(model)
-    stats = measure(net, bundle, cfg, ctx, sites)
     zero_out = M.zero_output_channels(net, layers)
     return {
         "iteration": iteration,
@@ -179,9 +180,9 @@ def _record(iteration: int, model: nn.Module, cfg: PruneConfig, bundle: DataBund
         "sparsity_all": M.sparsity(net, all_layers),
         "val_acc": accuracy(net, bundle.val, cfg, ctx),
         "test_acc": accuracy(net, bundle.test, cfg, ctx),
-        "entropy": {k: v.entropy for k, v in stats.items()},
+        "entropy": layer_entropies(stats),
         "sites": {k: v.summary() for k, v in stats.items()},
-        "zero_entropy_sites": [k for k, v in stats.items() if v.zero_entropy],
+        "zero_entropy_sites": zero_entropy_sites(stats),
         "all_zero_layers": M.all_zero_layers(net, layers),
         "zero_output_channels": sum(zero_out.values()),
         "output_channels": sum(int(dict(net.named_parameters())[M.weight_param(l)].shape[0]) for l in layers),
@@ -261,8 +262,10 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
             stale.unlink()
     barrier(ctx)
 
+    stats = None  # entropy of the current weights; an iteration's closing measurement opens the next
     if not log["iterations"]:  # iteration 0: the starting model
-        rec = _record(0, model, cfg, bundle, ctx, sites, layers, all_layers, {"seconds": 0.0})
+        stats = measure(model, bundle, cfg, ctx, sites)
+        rec = _record(0, model, cfg, bundle, ctx, stats, layers, all_layers, {"seconds": 0.0})
         log["iterations"].append(rec)
         _save(out, 0, model, start, rec, cfg, bundle, layers, log, ctx)
     dense_acc = _dense_acc(log, start)
@@ -277,10 +280,12 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
         if log.get("stopped"):
             break
         t0 = time.perf_counter()
-        stats = measure(model, bundle, cfg, ctx, sites)
+        if stats is None:  # resumed: measure the checkpoint the run continues from
+            stats = measure(model, bundle, cfg, ctx, sites)
         masks, info = prune_step(model, cfg, masks, layers, all_layers, stats, feeds, ctx)
         hist = finetune(model, bundle, cfg.finetune, masks, ctx, cfg.seed * 7919 + it, f"iter {it}", progress)
-        rec = _record(it, model, cfg, bundle, ctx, sites, layers, all_layers,
+        stats = measure(model, bundle, cfg, ctx, sites)
+        rec = _record(it, model, cfg, bundle, ctx, stats, layers, all_layers,
                       {"allocation": info, "finetune": hist, "seconds": time.perf_counter() - t0})
         log["iterations"].append(rec)
         recent = log["iterations"][-cfg.patience:]
