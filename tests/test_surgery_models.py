@@ -65,8 +65,10 @@ def test_pruned_resnet18_gets_shallower_and_stays_exact(digits):
     assert after["conv_gemm_layers"] < before["conv_gemm_layers"]
     assert after["longest_path_layers"] < before["longest_path_layers"]
     assert after["macs_dense"] < before["macs_dense"]
-    assert after["macs_nonzero"] < before["macs_nonzero"]
-    assert res.report["summary"]["channels_removed"] > 0
+    assert after["macs_nonzero"] <= before["macs_nonzero"]  # aligned groups may keep a few dead channels
+    conv_weights = {n.input[1] for n in res.model.graph.node if n.op_type == "Conv"}
+    widths = {i.name: i.dims[0] for i in res.model.graph.initializer if i.name in conv_weights}
+    assert widths and all(w % 8 == 0 for w in widths.values()), widths  # narrowing stays aligned
     # what was removed is named by PyTorch module
     folded = [m for r in res.report["changes"]["constant_layers"] for m in r["folded_modules"]]
     assert any(name.startswith("layer") and name.endswith(("conv1", "conv2")) for name in folded)

@@ -144,7 +144,7 @@ def test_strip_pins_always_off_channels_and_they_disappear():
         m.conv1.bias[:3] = -50.0  # channels 0..2 always OFF; the others live
     model = export_module(m, (1, 3, 8, 8), dynamic=True)
     x = randn(32, 3, 8, 8)
-    res = optimize(model, x, randn(16, 3, 8, 8, seed=1))
+    res = optimize(model, x, randn(16, 3, 8, 8, seed=1), SurgeryOptions(channel_multiple=1))
     w1 = [i for i in res.model.graph.initializer if i.dims and len(i.dims) == 4 and i.dims[1] == 3]
     assert w1 and w1[0].dims[0] == 3  # conv1 now has 3 output channels
     assert "Relu" in ops(res.model)  # the live channels still need it
@@ -187,6 +187,37 @@ def test_unused_channels_are_removed_from_producer():
     out, recs = apply(model, eliminate_dead_channels)
     assert recs[0]["unused"] == 2 and recs[0]["channels_after"] == 6
     x = randn(3, 3, 6, 6)
+    assert rel_error(outputs(model, x), outputs(out, x)) <= TOL
+
+
+def test_aligned_keep_rounds_up_with_dead_channels_and_never_empties():
+    from egp_deploy.surgery.dead_channels import aligned_keep
+
+    removable = np.zeros(32, bool)
+    removable[[3, 9]] = True  # 30 live channels
+    assert aligned_keep(removable, 8).all()  # 30 -> 32: nothing gained, nothing narrowed
+    assert aligned_keep(removable, 1).sum() == 30
+    removable[:20] = True  # 12 live -> 16, the first removable ones kept
+    keep = aligned_keep(removable, 8)
+    assert keep.sum() == 16 and keep[:4].all() and not keep[4:20].any()
+    assert aligned_keep(np.ones(16, bool), 8).sum() == 1  # all dead: one channel carries the constant
+
+
+def test_channel_multiple_keeps_narrowed_groups_aligned_and_exact():
+    m = _TwoConv(c=16)
+    with torch.no_grad():
+        m.conv2.weight[:, [0, 5, 7]] = 0.0  # 13 channels read
+    model = export_module(m, (1, 3, 6, 6))
+    _, recs = apply(model, eliminate_dead_channels)
+    assert recs[0]["channels_after"] == 13
+    out, recs = apply(model, lambda g: eliminate_dead_channels(g, channel_multiple=8))
+    assert recs == []  # 13 rounds up to 16: the group stays as it is
+    with torch.no_grad():
+        m.conv2.weight[:, 8:14] = 0.0  # 7 read -> 8 kept
+    model = export_module(m, (1, 3, 6, 6))
+    out, recs = apply(model, lambda g: eliminate_dead_channels(g, channel_multiple=8))
+    assert recs[0]["channels_after"] == 8
+    x = randn(2, 3, 6, 6)
     assert rel_error(outputs(model, x), outputs(out, x)) <= TOL
 
 

@@ -265,9 +265,13 @@ def _slice_channel_const(c: np.ndarray, rank: int, keep: np.ndarray) -> np.ndarr
     return a[:, keep]
 
 
-def eliminate_dead_channels(graph: gs.Graph, module_of: Callable[[str], str | None] = lambda n: None
-                            ) -> list[dict[str, Any]]:
-    """One round over all channel groups; returns a record per group that lost channels."""
+def eliminate_dead_channels(graph: gs.Graph, module_of: Callable[[str], str | None] = lambda n: None,
+                            channel_multiple: int = 1) -> list[dict[str, Any]]:
+    """One round over all channel groups; returns a record per group that lost channels.
+
+    ``channel_multiple`` > 1 keeps every narrowed group at a multiple of it (some dead channels are
+    kept, which is exact): runtimes block channels by 8 or 16, and 32 -> 30 channels runs SLOWER than
+    32 on onnxruntime's blocked CPU kernels (docs/surgery.md, "Channel alignment")."""
     info = constant_channels(graph)
     tensors = graph.tensors()
     uf = _UnionFind()
@@ -288,13 +292,33 @@ def eliminate_dead_channels(graph: gs.Graph, module_of: Callable[[str], str | No
                 groups.setdefault(uf.find(t.name), set()).add(t.name)
     records = []
     for names in groups.values():
-        rec = _eliminate_group(graph, [tensors[n] for n in sorted(names)], member_of, info, module_of)
+        rec = _eliminate_group(graph, [tensors[n] for n in sorted(names)], member_of, info, module_of,
+                               channel_multiple)
         if rec:
             records.append(rec)
     return records
 
 
-def _eliminate_group(graph, members, member_of, info, module_of) -> dict[str, Any] | None:
+def aligned_keep(removable: np.ndarray, multiple: int) -> np.ndarray:
+    """The channels to keep: all live ones, plus the first removable ones needed to make the count a
+    multiple of ``multiple`` (never more than there are). A group where everything is removable keeps
+    one channel (a graph cannot carry zero-width tensors)."""
+    keep = ~removable
+    if keep.sum() == 0:
+        keep = keep.copy()
+        keep[0] = True
+        return keep
+    if multiple <= 1:
+        return keep
+    target = min(removable.size, -(-int(keep.sum()) // multiple) * multiple)
+    extra = np.flatnonzero(removable)[: target - int(keep.sum())]
+    keep = keep.copy()
+    keep[extra] = True
+    return keep
+
+
+def _eliminate_group(graph, members, member_of, info, module_of, channel_multiple: int = 1
+                     ) -> dict[str, Any] | None:
     nch = channels(members[0])
     if nch is None or nch < 2 or any(channels(t) != nch for t in members):
         return None
@@ -342,11 +366,10 @@ def _eliminate_group(graph, members, member_of, info, module_of) -> dict[str, An
             val = info.get(t.name, (None, np.zeros(nch)))[1]
             if not spatial_static(t):
                 removable &= ~(used & (val != 0))
-    if removable.all():
-        removable[0] = False
+    keep = aligned_keep(removable, channel_multiple)
+    removable = ~keep
     if not removable.any():
         return None
-    keep = ~removable
     new_c = int(keep.sum())
     # Rows first: a layer can read and write the same group (a residual branch), and its border
     # map must then be computed with the rows that remain.

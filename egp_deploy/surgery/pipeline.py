@@ -39,6 +39,7 @@ class SurgeryOptions:
     min_held_out_agreement: float = 0.99  # top-1 agreement the data-dependent strips must keep
     held_out_tolerance: float = 1e-3  # the same for non-classifier outputs (relative error)
     dead_channels: bool = True
+    channel_multiple: int = 8  # narrowed channel counts stay multiples of this (1: narrow fully)
     merge: bool = True
     batch_size: int = 32
     max_rounds: int = 8
@@ -106,7 +107,7 @@ def _rewrite(named: onnx.ModelProto, stats: dict[str, ActivationStats] | None, o
                 graph = refresh_shapes(graph, named)
                 changes["constant_layers"].extend(folded)
                 changed = True
-            dead = eliminate_dead_channels(graph, module_of)
+            dead = eliminate_dead_channels(graph, module_of, options.channel_multiple)
             changes["dead_channels"].extend(dead)
             changed |= bool(dead)
         if options.merge:
