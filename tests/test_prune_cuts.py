@@ -106,3 +106,48 @@ def test_transformer_mlp_layers_are_bypassed(arch, kw):
     model = create_model(arch, num_classes=10, in_channels=1, **kw)
     layers = prunable_layers(model)
     assert layers and find_cut_layers(model, layers).layers == []
+
+
+def test_prune_loop_never_empties_a_cut_layer_with_the_guard(tmp_path):
+    """VGG (every prunable layer is a cut layer): without the guard EGP empties some in the first
+    iterations; with it each keeps its minimum, and the log says which layers were capped."""
+    import sys
+    from pathlib import Path
+
+    from egp_deploy.checkpoint import checkpoint_from_model
+    from egp_deploy.data import load_data
+    from egp_deploy.prune.loop import PruneConfig, run_pruning
+    from egp_deploy.prune.train import TrainConfig
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    bundle = load_data("plugin:plugin_data:small_digits")
+    torch.manual_seed(0)
+    kw = {"num_classes": 10, "in_channels": 1, "width": 4}
+    model = create_model("vgg16_bn", **kw)
+    for bn in model.modules():  # non-trivial BN statistics: activations are not symmetric around 0
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.3, 0.3)
+            bn.running_var.uniform_(0.5, 1.5)
+    start = checkpoint_from_model(model, "vgg16_bn", kw, bundle.input_shape, 10, {"data": "small"})
+
+    def run(min_keep_cut: float) -> dict:
+        cfg = PruneConfig(iterations=3, finetune=TrainConfig(epochs=0), min_keep_cut=min_keep_cut)
+        return run_pruning(start, bundle, cfg, tmp_path / str(min_keep_cut), progress=False).log
+
+    unguarded = run(0.0)
+    assert unguarded["cut_layer_min_keep"] == {}
+    assert any(r["all_zero_layers"] for r in unguarded["iterations"])  # the failure the guard prevents
+
+    guarded = run(0.01)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    assert guarded["cut_layers"] == guarded["prunable_layers"]
+    assert guarded["cut_layer_min_keep"]["classifier.0"] == -(-sizes["classifier.0.weight"] // 100)  # ceil(1 %)
+    for it in range(1, 4):
+        state = torch.load(tmp_path / "0.01" / f"iter_{it:02d}.pt", weights_only=True)["state_dict"]
+        for layer, keep in guarded["cut_layer_min_keep"].items():
+            assert int((state[f"{layer}.weight"] != 0).sum()) >= keep, (it, layer)
+    recs = guarded["iterations"][1:]
+    assert all(r["all_zero_layers"] == [] for r in recs)
+    assert any(r["allocation"]["capped"] for r in recs)
+    # the budget a capped layer could not take went elsewhere: same nominal sparsity as unguarded
+    assert recs[0]["sparsity_prunable"] == pytest.approx(unguarded["iterations"][1]["sparsity_prunable"], abs=1e-3)
