@@ -258,6 +258,22 @@ def _write(path: Path, obj) -> Path:
     return path
 
 
+def test_weights_of_another_architecture_give_one_short_line():
+    # torch's message lists every key (thousands of characters); ours counts and shows a few
+    resnet = create_model("resnet18", width=4)
+    for arch, kwargs, words in [
+        ("vgg16_bn", {"width": 4}, ["missing from the checkpoint (features.0.weight", "not in the model (conv1.weight"]),
+        ("resnet18", {"width": 8}, ["of another shape (conv1.weight [4, 3, 3, 3] vs model [8, 3, 3, 3]"]),
+    ]:
+        ckpt = checkpoint_from_model(resnet, arch, kwargs, (3, 32, 32), 10)
+        with pytest.raises(InputFileError) as info:
+            ckpt.build_model()
+        msg = str(info.value)
+        assert "\n" not in msg and len(msg) < 300, msg
+        assert msg.startswith(f"checkpoint weights do not fit architecture {arch!r}")
+        assert all(w in msg for w in words), msg
+
+
 def test_checkpoint_rejections(tmp_path):
     good = _ckpt().to_dict()
     with pytest.raises(InputFileError, match="format version 2"):
