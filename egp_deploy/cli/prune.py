@@ -155,7 +155,7 @@ def print_summary(log: dict, best: int) -> None:
 
 
 def main() -> None:
-    run_app(app)
+    run_app(app, "egp-prune")
 
 
 if __name__ == "__main__":
