@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from egp_deploy.cli._common import new_app, run_app, stdout
-from egp_deploy.errors import EgpError, UsageError
+from egp_deploy.errors import EgpError, UnsupportedError, UsageError
 
 app = new_app(
     "Prune a model with EGP (Entropy-Guided Pruning: the per-iteration budget goes to layers whose "
@@ -91,11 +91,11 @@ def prune(
             if arch_kwargs:
                 raise UsageError("--arch-kwargs applies to an architecture name, not to a checkpoint")
             start = load_checkpoint(src)
+            start.build_model()  # fail early (before loading data) on an unknown architecture or weights that do not fit
             bundle = load_data(data or start.metadata.get("data", "digits"))
             if tuple(bundle.input_shape) != tuple(start.input_shape):
                 raise UsageError(f"data {bundle.spec} has samples of shape {bundle.input_shape}, "
                                  f"the checkpoint expects {tuple(start.input_shape)}")
-            start.build_model()  # fail early on weights that do not fit
         elif source in list_archs():
             bundle = load_data(data or "digits")
             kwargs = {"num_classes": bundle.num_classes, "in_channels": bundle.input_shape[0], **parse_arch_kwargs(arch_kwargs)}
@@ -113,8 +113,9 @@ def prune(
                 if ctx.is_main:
                     save_checkpoint(dense_path, start)
                     stdout.print(f"dense {source}: test accuracy {meta['test_acc']:.2f} % -> {dense_path}")
-        else:
-            raise UsageError(f"{source!r} is neither a checkpoint file nor a known architecture ({', '.join(list_archs())})")
+        else:  # exit 8 like an unknown architecture anywhere else (a checkpoint's, a tool's --arch)
+            raise UnsupportedError(f"{source!r} is neither a checkpoint file nor a known architecture "
+                                   f"({', '.join(list_archs())})")
 
         result = run_pruning(start, bundle, cfg, out, ctx, resume=resume, progress=not quiet)
         if ctx.is_main:
