@@ -41,11 +41,10 @@ class Checkpoint:
         model = create_model(self.arch, **self.arch_kwargs)
         try:
             model.load_state_dict(self.state_dict, strict=True)
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
+        except RuntimeError:
             raise InputFileError(
                 f"checkpoint weights do not fit architecture {self.arch!r} {self.arch_kwargs}: "
-                f"{first[1].strip() if len(first) > 1 else first[0]}"
+                f"{describe_mismatch(model.state_dict(), self.state_dict)}"
             ) from None
         return model.eval()
 
@@ -60,6 +59,23 @@ class Checkpoint:
             "num_classes": int(self.num_classes),
             "metadata": self.metadata,
         }
+
+
+def _some(names: list[str], shown: int) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def describe_mismatch(expected: dict[str, Any], given: dict[str, Any], shown: int = 3) -> str:
+    """One line: how a state_dict differs from the one a model expects (torch's own message lists
+    every key, thousands of characters for a whole other architecture)."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    reshaped = [f"{k} {list(getattr(given[k], 'shape', []))} vs model {list(expected[k].shape)}"
+                for k in expected if k in given and tuple(getattr(given[k], "shape", ())) != tuple(expected[k].shape)]
+    parts = [f"{len(names)} {what} ({_some(names, shown)})" for what, names in
+             (("missing from the checkpoint", missing), ("not in the model", unexpected),
+              ("of another shape", reshaped)) if names]
+    return "; ".join(parts) or "the weights do not load"
 
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:

@@ -2,7 +2,8 @@
 
 A data spec is a string:
     digits                       scikit-learn's bundled handwritten digits, upscaled to 32x32
-    cifar10:/path/to/folder      the CIFAR-10 "python version" (data_batch_1..5, test_batch)
+    cifar10:/path/to/folder      the CIFAR-10 "python version" (data_batch_1..5, test_batch); the
+                                 last min(5000, 10 %) training images are the val split
     folder:/path/to/root         root/{train,val[,test]}/<class>/*.png|jpg, or root/<class>/*
     plugin:package.module:func   func() -> (train, val[, test]) or a dict with those keys
                                  (+ optional num_classes); Datasets or DataLoaders
@@ -69,7 +70,18 @@ def load_digits_bundle(image_size: int = 32, channels: int = 1, seed: int = 0) -
     )
 
 
-def load_cifar10_folder(root: str | Path, val_size: int = 5000) -> DataBundle:
+CIFAR10_VAL_SIZE = 5000  # the usual held-out slice of the 50,000 training images
+
+
+def cifar10_val_size(n_train: int) -> int:
+    """The calibration (val) split of ``n_train`` training images: the usual 5000, but at most
+    10 % so a small folder still leaves most images to train on; at least one of each."""
+    return min(CIFAR10_VAL_SIZE, max(1, n_train // 10))
+
+
+def load_cifar10_folder(root: str | Path, val_size: int | None = None) -> DataBundle:
+    """The CIFAR-10 python folder; ``val_size`` (default: cifar10_val_size) images of the training
+    batches' end form the calibration split."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"CIFAR-10 folder not found: {root}")
@@ -83,14 +95,23 @@ def load_cifar10_folder(root: str | Path, val_size: int = 5000) -> DataBundle:
             with open(path, "rb") as f:
                 batch = pickle.load(f, encoding="bytes")
             data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            return data, np.asarray(batch[b"labels"], dtype=np.int64)
+            labels = np.asarray(batch[b"labels"], dtype=np.int64).reshape(-1)
         except Exception as e:  # a malformed pickle can raise almost anything
             raise DataError(f"malformed CIFAR-10 batch {path}: {type(e).__name__}: {e}") from None
+        if len(labels) != len(data):
+            raise DataError(f"malformed CIFAR-10 batch {path}: {len(data)} images but {len(labels)} labels")
+        return data, labels
 
     parts = [read(f) for f in files[:5]]
     xtr = np.concatenate([p[0] for p in parts])
     ytr = np.concatenate([p[1] for p in parts])
     xte, yte = read(files[5])
+    if len(ytr) < 2:
+        raise DataError(f"{root} holds {len(ytr)} training image(s); at least 2 are needed "
+                        "(one to train on, one for the calibration split)")
+    val_size = cifar10_val_size(len(ytr)) if val_size is None else val_size
+    if not 0 < val_size < len(ytr):
+        raise DataError(f"validation split of {val_size} images does not fit {len(ytr)} training images in {root}")
     mean = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
     std = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
     norm = lambda a: (torch.from_numpy(a).float() / 255.0 - mean) / std  # noqa: E731

@@ -12,7 +12,7 @@ import torch
 
 from egp_deploy.archs import create_model, list_archs
 from egp_deploy.checkpoint import FORMAT, Checkpoint, checkpoint_from_model, load_checkpoint, save_checkpoint
-from egp_deploy.data import load_cifar10_folder, load_data, load_digits_bundle, make_loader
+from egp_deploy.data import cifar10_val_size, load_cifar10_folder, load_data, load_digits_bundle, make_loader
 from egp_deploy.errors import DataError, InputFileError, UnsupportedError
 
 HERE = Path(__file__).parent
@@ -165,6 +165,27 @@ def test_cifar10_folder(tmp_path):
     assert int(b.train[0][1]) == raw[b"labels"][0]
 
 
+@pytest.mark.parametrize("per_batch, split", [(4, (18, 2)), (1, (4, 1)), (200, (900, 100))])
+def test_cifar10_default_val_split_is_ten_percent_at_most_5000(tmp_path, per_batch, split):
+    # a fixed 5000 left small folders with no training images at all
+    _fake_cifar(tmp_path / "c", per_batch)
+    b = load_data(f"cifar10:{tmp_path / 'c'}")
+    assert (len(b.train), len(b.val)) == split and len(b.test) == per_batch
+    assert cifar10_val_size(50000) == 5000 and cifar10_val_size(60000) == 5000  # the full set: as usual
+
+
+def test_cifar10_too_few_training_images(tmp_path):
+    _fake_cifar(tmp_path / "c", per_batch=0)
+    with open(tmp_path / "c" / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": np.zeros((1, 3072), np.uint8), b"labels": [3]}, f)
+    with pytest.raises(DataError, match="holds 1 training image.*at least 2"):
+        load_data(f"cifar10:{tmp_path / 'c'}")
+    with pytest.raises(DataError, match="4 images but 3 labels"):
+        with open(tmp_path / "c" / "data_batch_2", "wb") as f:
+            pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [3, 1, 2]}, f)
+        load_data(f"cifar10:{tmp_path / 'c'}")
+
+
 def test_cifar10_malformed_and_missing(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_data(f"cifar10:{tmp_path / 'nope'}")
@@ -235,6 +256,22 @@ class PickledThing:  # an arbitrary pickled object: a checkpoint holding one mus
 def _write(path: Path, obj) -> Path:
     torch.save(obj, path)
     return path
+
+
+def test_weights_of_another_architecture_give_one_short_line():
+    # torch's message lists every key (thousands of characters); ours counts and shows a few
+    resnet = create_model("resnet18", width=4)
+    for arch, kwargs, words in [
+        ("vgg16_bn", {"width": 4}, ["missing from the checkpoint (features.0.weight", "not in the model (conv1.weight"]),
+        ("resnet18", {"width": 8}, ["of another shape (conv1.weight [4, 3, 3, 3] vs model [8, 3, 3, 3]"]),
+    ]:
+        ckpt = checkpoint_from_model(resnet, arch, kwargs, (3, 32, 32), 10)
+        with pytest.raises(InputFileError) as info:
+            ckpt.build_model()
+        msg = str(info.value)
+        assert "\n" not in msg and len(msg) < 300, msg
+        assert msg.startswith(f"checkpoint weights do not fit architecture {arch!r}")
+        assert all(w in msg for w in words), msg
 
 
 def test_checkpoint_rejections(tmp_path):

@@ -122,3 +122,69 @@ def test_allocation_invariants(specs, rate):
     assert abs(sum(a.prune.values()) - budget) <= 0.5 * len(live) + 1e-9
     if a.shares:
         assert sum(a.shares.values()) == pytest.approx(1.0)
+
+
+# Caps (LayerState.max_prune): the most a layer may lose this iteration. A capped layer whose
+# share reaches its cap stops there, leaves the pool, and its surplus goes to the others exactly
+# like a 100 % layer's.
+
+def _with_caps(caps: dict[str, int]) -> list[LayerState]:
+    return [LayerState(l.name, l.entropy, l.mean_abs, l.remaining, caps.get(l.name)) for l in toy()]
+
+
+def test_capped_layer_stops_at_its_cap_and_the_surplus_goes_to_the_others():
+    a = allocate(_with_caps({"tiny": 30}), rate=0.25)  # tiny keeps at least 10 of its 40
+    # B = 360; round 1: n_tiny ~ 360 >= 30 -> tiny stops at 30, B = 360 - 30 = 330, S = 0.7
+    # round 2: a_mid = 0.8909031, a_big = 0.1090969 (as without caps)
+    #   n_mid = 330 * 0.8909031 = 293.998 -> 294;  n_big = 330 * 0.1090969 = 36.002 -> 36
+    assert a.budget == 360
+    assert a.capped == ["tiny"] and a.full == []
+    assert a.prune == {"big": 36, "mid": 294, "tiny": 30, "dead": 0, "empty": 0}
+    assert sum(a.prune.values()) == 360  # the budget is spent in full, only elsewhere
+
+
+def test_a_cap_reached_by_redistribution_passes_its_surplus_on():
+    a = allocate(_with_caps({"mid": 300}), rate=0.5)
+    # B = 720; round 1: tiny -> 100 % (40), B = 680
+    # round 2: n_mid = 680 * 0.8909031 = 605.8 >= its cap 300 -> mid stops at 300, B = 380
+    # round 3: pool = {big}: n_big = 380 (uncapped: 280, as mid took 400)
+    assert a.full == ["tiny"] and a.capped == ["mid"]
+    assert a.prune == {"big": 380, "mid": 300, "tiny": 40, "dead": 0, "empty": 0}
+
+
+def test_a_layer_at_its_cap_takes_nothing_and_its_share_is_redistributed():
+    a = allocate(_with_caps({"tiny": 0}), rate=0.25)
+    # tiny saturates at 0 in round 1; round 2 shares all of B = 360 between mid and big:
+    #   n_mid = 360 * 0.8909031 = 320.73 -> 321;  n_big = 360 * 0.1090969 = 39.27 -> 39
+    assert a.capped == ["tiny"]
+    assert a.prune == {"big": 39, "mid": 321, "tiny": 0, "dead": 0, "empty": 0}
+
+
+def test_a_cap_that_does_not_bind_changes_nothing():
+    assert allocate(_with_caps({"big": 900, "tiny": 40}), 0.25) == allocate(toy(), 0.25)
+
+
+def test_zero_irrelevance_layer_with_a_cap_stops_at_it():
+    # I = 0 layers saturate before the softmax; with a cap they stop there instead of at 100 %
+    layers = [LayerState("flat", 0.5, 0.0, 50, max_prune=20), LayerState("other", 1.0, 1.0, 150)]
+    a = allocate(layers, 0.5)
+    # B = 100; flat stops at 20, other gets the remaining 80
+    assert a.capped == ["flat"] and a.prune == {"flat": 20, "other": 80}
+
+
+@settings(max_examples=150, deadline=None)
+@given(layer_sets, st.sampled_from([0.1, 0.3, 0.5, 0.8]), st.lists(st.one_of(st.none(), st.integers(0, 600)), min_size=8, max_size=8))
+def test_capped_allocation_invariants(specs, rate, caps):
+    layers = [LayerState(f"l{i}", h, m, n, caps[i]) for i, (h, m, n) in enumerate(specs)]
+    a = allocate(layers, rate)
+    uncapped = allocate([LayerState(l.name, l.entropy, l.mean_abs, l.remaining) for l in layers], rate)
+    for l in layers:
+        assert 0 <= a.prune[l.name] <= l.limit
+    for name in a.capped:
+        layer = next(l for l in layers if l.name == name)
+        assert a.prune[name] == layer.max_prune < layer.remaining
+    assert not set(a.capped) & set(a.full)
+    if all(c is None or c >= l.remaining for c, l in zip(caps, layers)):
+        assert a == uncapped  # caps at or above what is left are no caps
+    # caps never make the iteration prune more than the uncapped budget (up to rounding)
+    assert sum(a.prune.values()) <= sum(uncapped.prune.values()) + 0.5 * len(layers)

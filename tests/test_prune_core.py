@@ -135,7 +135,7 @@ def _cli(*args, cwd=None):
 @pytest.mark.parametrize(
     "args, code, words",
     [
-        (["nosuch_arch"], 2, "neither a checkpoint"),
+        (["nosuch_arch"], 8, "neither a checkpoint"),
         (["resnet18", "--data", "folder:/nonexistent"], 4, "image folder not found"),
         (["resnet18", "--data", "cifar10:/nonexistent"], 4, "CIFAR-10 folder not found"),
         (["resnet18", "--data", "plugin:no_such_module:fn"], 4, "cannot import data plugin"),

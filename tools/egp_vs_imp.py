@@ -30,7 +30,9 @@ from pathlib import Path
 
 import torch
 
+from egp_deploy.archs import check_arch
 from egp_deploy.bench import cpu_model
+from egp_deploy.errors import UnsupportedError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DENSE = ROOT / "models" / "resnet18_digits_dense.pt"
@@ -56,7 +58,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "egp_vs_imp")
     ap.add_argument("--resume", action="store_true", help="continue the runs in --work")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
-    return ap.parse_args()
+    args = ap.parse_args()
+    try:
+        check_arch(args.arch)
+    except UnsupportedError as e:  # one line and exit 8, as an unknown architecture anywhere in egp-deploy
+        print(f"error: --arch: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    return args
 
 
 def dense_start(args):

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from egp_deploy.errors import UnsupportedError
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "egp-deploy-reproduce/1"
 ARCHS = ("resnet18", "mobilenet_v2", "vgg16_bn", "vit_tiny")
@@ -724,9 +726,13 @@ def parse_args(argv: list[str] | None) -> Settings:
                     help="recompute comparisons, verdict, tables, PNG and markdown from OUT/reproduce.json (no training)")
     a = ap.parse_args(argv)
     archs = [x.strip() for x in a.archs.split(",") if x.strip()]
+    if not archs:
+        ap.error(f"--archs: none given; choose from {', '.join(ARCHS)}")
     bad = [x for x in archs if x not in ARCHS]
-    if bad or not archs:
-        ap.error(f"--archs: unknown {', '.join(bad) or '(none given)'}; choose from {', '.join(ARCHS)}")
+    if bad:  # one line and exit 8, as an unknown architecture anywhere in egp-deploy
+        print(f"error: --archs: unknown architecture {', '.join(map(repr, bad))}; choose from {', '.join(ARCHS)}",
+              file=sys.stderr)
+        sys.exit(UnsupportedError.exit_code)
     pick = lambda given, full, quick: given if given is not None else (quick if a.quick else full)  # noqa: E731
     st = Settings(
         archs=archs, iterations=pick(a.iterations, 7, 1), epochs=pick(a.epochs, 3, 1),

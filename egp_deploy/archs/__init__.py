@@ -4,9 +4,9 @@ Module names follow torchvision where practical so its state_dicts load; every r
 own module (EGP measures each activation site separately).
 """
 
-from egp_deploy.archs.registry import create_model, list_archs, register_arch
+from egp_deploy.archs.registry import check_arch, create_model, list_archs, register_arch
 
 # importing the modules fills the registry
 from egp_deploy.archs import mobilenet_v2, resnet, vgg, vit  # noqa: F401,E402
 
-__all__ = ["create_model", "list_archs", "register_arch"]
+__all__ = ["check_arch", "create_model", "list_archs", "register_arch"]

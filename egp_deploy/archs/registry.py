@@ -20,10 +20,17 @@ def list_archs() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
-    """Build architecture ``name`` with keyword knobs (``num_classes``, ``in_channels``, ``width`` ...)."""
+def check_arch(name: str) -> str:
+    """``name`` if it is a registered architecture. An unknown one is UnsupportedError (exit 8)
+    wherever it comes from: a command line, a tool's option or a checkpoint."""
     if name not in _REGISTRY:
         raise UnsupportedError(f"unknown architecture {name!r}; known: {', '.join(list_archs())}")
+    return name
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """Build architecture ``name`` with keyword knobs (``num_classes``, ``in_channels``, ``width`` ...)."""
+    check_arch(name)
     try:
         return _REGISTRY[name](**kwargs)
     except TypeError as e:

@@ -11,7 +11,6 @@ def main() -> None:
         print(f"usage: python -m egp_deploy.cli {{{','.join(STAGES)}}} [ARGS...]", file=sys.stderr)
         sys.exit(2)
     stage = sys.argv.pop(1)
-    sys.argv[0] = f"egp-{stage}"
     importlib.import_module(f"egp_deploy.cli.{stage}").main()
 
 

@@ -27,10 +27,12 @@ def new_app(help_text: str) -> typer.Typer:
     )
 
 
-def run_app(app: typer.Typer, error_exit: Callable[[EgpError], int] | None = None) -> None:
-    """Run ``app``; turn EgpError into ``error: ...`` + its exit code, anything else into exit 1."""
+def run_app(app: typer.Typer, prog_name: str, error_exit: Callable[[EgpError], int] | None = None) -> None:
+    """Run ``app`` as ``prog_name``; turn EgpError into ``error: ...`` + its exit code, anything else
+    into exit 1. The name is explicit because click would otherwise derive it from how Python was
+    started (``python -m egp_deploy.cli.egp-prune`` under the dispatcher)."""
     try:
-        app()
+        app(prog_name=prog_name)
     except EgpError as e:
         console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
         sys.exit(error_exit(e) if error_exit else e.exit_code)

@@ -58,7 +58,7 @@ def bench(
 
 
 def main() -> None:
-    run_app(app)
+    run_app(app, "egp-bench")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def build(
 
 
 def main() -> None:
-    run_app(app)
+    run_app(app, "egp-build")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def check(
 
 def main() -> None:
     # anything that escapes the command (e.g. an unexpected error outside it) is "could not measure"
-    run_app(app, error_exit=lambda e: EXIT_UNMEASURED)
+    run_app(app, "egp-check", error_exit=lambda e: EXIT_UNMEASURED)
 
 
 if __name__ == "__main__":

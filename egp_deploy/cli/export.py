@@ -367,7 +367,7 @@ def export(
 
 
 def main() -> None:
-    run_app(app)
+    run_app(app, "egp-export")
 
 
 if __name__ == "__main__":

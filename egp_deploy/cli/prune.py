@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from egp_deploy.cli._common import new_app, run_app, stdout
-from egp_deploy.errors import EgpError, UsageError
+from egp_deploy.errors import EgpError, UnsupportedError, UsageError
 
 app = new_app(
     "Prune a model with EGP (Entropy-Guided Pruning: the per-iteration budget goes to layers whose "
@@ -45,6 +45,7 @@ def prune(
     data: Optional[str] = typer.Option(None, "--data", "-d", help="digits (bundled, default), cifar10:DIR, folder:DIR or plugin:module:function. Default: the checkpoint's data, else digits."),
     iterations: int = typer.Option(9, "--iterations", "-n", help="Pruning iterations (nominal sparsity 1 - (1-rate)^n)."),
     rate: float = typer.Option(0.5, "--rate", help="Fraction of the remaining prunable weights removed per iteration."),
+    min_keep_cut: float = typer.Option(0.01, "--min-keep-cut", metavar="FRACTION", help="EGP only. A prunable layer that lies on EVERY input-output path (a \"cut layer\": VGG's convs and hidden Linears, MobileNetV2 blocks without residual, ResNet's stem) keeps at least this fraction of its original weights: emptying it would make the network output a constant. Its surplus budget goes to the other layers. This deviates from the paper for cut layers only; 0 = the paper's allocation exactly. Cut layers are found on the torch.fx graph; a model fx cannot trace gets no guard (said in the output)."),
     tolerance: Optional[float] = typer.Option(None, "--tolerance", "-t", help="Stop once test accuracy falls more than this many points below the DENSE model (the dense accuracy a pruned checkpoint records, else the start's); best.pt is the most pruned model within it. Default: no tolerance, run all iterations."),
     patience: int = typer.Option(1, "--patience", help="With --tolerance: stop only after this many consecutive iterations beyond it."),
     epochs: int = typer.Option(8, "--epochs", "-e", help="Fine-tuning epochs after each pruning step."),
@@ -78,7 +79,8 @@ def prune(
         ft = TrainConfig(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
                          batch_size=batch_size, schedule=schedule)
         cfg = PruneConfig(method=method, iterations=iterations, rate=rate, tolerance=tolerance, patience=patience, finetune=ft,
-                          entropy_mode=entropy_mode, calibration_batches=calibration_batches, seed=seed)
+                          entropy_mode=entropy_mode, calibration_batches=calibration_batches, seed=seed,
+                          min_keep_cut=min_keep_cut)
         cfg.validate()
         if schedule not in ("cosine", "step", "constant"):
             raise UsageError(f"--schedule must be cosine, step or constant, got {schedule!r}")
@@ -89,11 +91,11 @@ def prune(
             if arch_kwargs:
                 raise UsageError("--arch-kwargs applies to an architecture name, not to a checkpoint")
             start = load_checkpoint(src)
+            start.build_model()  # fail early (before loading data) on an unknown architecture or weights that do not fit
             bundle = load_data(data or start.metadata.get("data", "digits"))
             if tuple(bundle.input_shape) != tuple(start.input_shape):
                 raise UsageError(f"data {bundle.spec} has samples of shape {bundle.input_shape}, "
                                  f"the checkpoint expects {tuple(start.input_shape)}")
-            start.build_model()  # fail early on weights that do not fit
         elif source in list_archs():
             bundle = load_data(data or "digits")
             kwargs = {"num_classes": bundle.num_classes, "in_channels": bundle.input_shape[0], **parse_arch_kwargs(arch_kwargs)}
@@ -111,8 +113,9 @@ def prune(
                 if ctx.is_main:
                     save_checkpoint(dense_path, start)
                     stdout.print(f"dense {source}: test accuracy {meta['test_acc']:.2f} % -> {dense_path}")
-        else:
-            raise UsageError(f"{source!r} is neither a checkpoint file nor a known architecture ({', '.join(list_archs())})")
+        else:  # exit 8 like an unknown architecture anywhere else (a checkpoint's, a tool's --arch)
+            raise UnsupportedError(f"{source!r} is neither a checkpoint file nor a known architecture "
+                                   f"({', '.join(list_archs())})")
 
         result = run_pruning(start, bundle, cfg, out, ctx, resume=resume, progress=not quiet)
         if ctx.is_main:
@@ -128,6 +131,8 @@ def prune(
             stdout.print(f"log: {out / 'log.json'}   plot: {out / 'entropy.png'}")
             if result.log.get("stopped"):
                 stdout.print(f"stopped early: {result.log['stopped']}")
+            if method == "egp" and min_keep_cut > 0 and result.log.get("cut_layers_note"):
+                stdout.print(f"note: --min-keep-cut was not applied: {result.log['cut_layers_note']}")
     except EgpError as e:
         if ctx.enabled and not ctx.is_main:
             raise type(e)(f"(rank {ctx.rank}) {e}") from None
@@ -151,7 +156,7 @@ def print_summary(log: dict, best: int) -> None:
 
 
 def main() -> None:
-    run_app(app)
+    run_app(app, "egp-prune")
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def surgery(
 
 
 def main() -> None:
-    run_app(app)
+    run_app(app, "egp-surgery")
 
 
 if __name__ == "__main__":

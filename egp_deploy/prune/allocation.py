@@ -3,8 +3,12 @@
     P   = prunable layers with H_l != 0 and nonzero weights left (others are frozen)
     I_l = H_l * mean |w| over the nonzero weights of l
     S   = sum of I_l over P;  B = r * nonzero weights over P
-    repeat: a_l = softmax_P(S / I_l), n_l = B a_l; a layer with n_l >= its remaining weights is
-            pruned to 100 %: it leaves P, B loses its weights, S loses its I_l
+    repeat: a_l = softmax_P(S / I_l), n_l = B a_l; a layer with n_l >= its limit is pruned by
+            its limit: it leaves P, B loses the limit, S loses its I_l
+A layer's limit is its remaining weights (the paper: it goes to 100 %) unless it has a cap
+(``LayerState.max_prune``, used to keep a minimum in layers nothing bypasses); a capped layer
+stops at its cap and its surplus is redistributed exactly like a 100 % layer's. Without caps
+this is the paper's allocation.
 Pure functions of per-layer numbers, so a distributed run computes them from reduced stats only.
 """
 
@@ -20,6 +24,11 @@ class LayerState:
     entropy: float  # H_l of the activation this layer feeds
     mean_abs: float  # mean |w| over the nonzero weights
     remaining: int  # nonzero weights left
+    max_prune: int | None = None  # the most weights this iteration may remove; None: all remaining
+
+    @property
+    def limit(self) -> int:
+        return self.remaining if self.max_prune is None else max(0, min(self.remaining, self.max_prune))
 
 
 @dataclass
@@ -27,11 +36,13 @@ class Allocation:
     prune: dict[str, int]  # weights to remove now, per layer
     frozen: list[str]  # H_l == 0 or nothing left: not pruned
     full: list[str]  # driven to 100 % this iteration
-    shares: dict[str, float] = field(default_factory=dict)  # final softmax share a_l (non-full layers)
+    shares: dict[str, float] = field(default_factory=dict)  # final softmax share a_l (layers left in the pool)
     budget: int = 0  # B before water-filling
+    capped: list[str] = field(default_factory=list)  # stopped at their cap (max_prune) short of 100 %
 
     def to_json(self) -> dict:
-        return {"prune": self.prune, "frozen": self.frozen, "full": self.full, "shares": self.shares, "budget": self.budget}
+        return {"prune": self.prune, "frozen": self.frozen, "full": self.full, "capped": self.capped,
+                "shares": self.shares, "budget": self.budget}
 
 
 def _softmax(values: dict[str, float]) -> dict[str, float]:
@@ -42,35 +53,37 @@ def _softmax(values: dict[str, float]) -> dict[str, float]:
 
 
 def allocate(layers: list[LayerState], rate: float = 0.5) -> Allocation:
-    """How many weights to prune per layer this iteration (EGP water-filling)."""
+    """How many weights to prune per layer this iteration (EGP water-filling, optional caps)."""
     if not 0.0 < rate <= 1.0:
         raise ValueError(f"pruning rate must be in (0, 1], got {rate}")
     active = {l.name: l for l in layers if l.entropy > 0 and l.remaining > 0}
     frozen = [l.name for l in layers if l.name not in active]
     irrelevance = {n: l.entropy * l.mean_abs for n, l in active.items()}
-    # a live layer with all |w| -> 0 has I_l = 0: it is the least relevant, so it empties first
-    full = [n for n, i in irrelevance.items() if i <= 0.0]
+    # a live layer with all |w| -> 0 has I_l = 0: it is the least relevant, so it saturates first
+    saturated_order = [n for n, i in irrelevance.items() if i <= 0.0]
     budget = rate * sum(l.remaining for l in active.values())
     start_budget = int(round(budget))
-    remaining_budget = budget - sum(active[n].remaining for n in full)
-    pool = {n: i for n, i in irrelevance.items() if n not in full}
+    remaining_budget = budget - sum(active[n].limit for n in saturated_order)
+    pool = {n: i for n, i in irrelevance.items() if n not in saturated_order}
     shares: dict[str, float] = {}
     n_alloc: dict[str, float] = {}
     while pool and remaining_budget > 0:
         s = sum(pool.values())
         shares = _softmax({n: s / i for n, i in pool.items()})
         n_alloc = {n: remaining_budget * a for n, a in shares.items()}
-        saturated = [n for n, k in n_alloc.items() if k >= active[n].remaining]
+        saturated = [n for n, k in n_alloc.items() if k >= active[n].limit]
         if not saturated:
             break
         for n in saturated:
-            full.append(n)
-            remaining_budget -= active[n].remaining
+            saturated_order.append(n)
+            remaining_budget -= active[n].limit
             del pool[n]
         shares, n_alloc = {}, {}
     prune = {l.name: 0 for l in layers}
-    for n in full:
-        prune[n] = active[n].remaining
+    for n in saturated_order:
+        prune[n] = active[n].limit
     for n, k in n_alloc.items():
-        prune[n] = min(active[n].remaining, int(round(k)))
-    return Allocation(prune, frozen, full, shares, start_budget)
+        prune[n] = min(active[n].limit, int(round(k)))
+    full = [n for n in saturated_order if active[n].limit == active[n].remaining]
+    capped = [n for n in saturated_order if active[n].limit < active[n].remaining]
+    return Allocation(prune, frozen, full, shares, start_budget, capped)

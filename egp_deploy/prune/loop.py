@@ -12,6 +12,7 @@ rank (and masks are broadcast from rank 0), and only rank 0 writes.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from egp_deploy.errors import InputFileError, UsageError
 from egp_deploy.io_utils import atomic_path, write_json_atomic
 from egp_deploy.prune import masks as M
 from egp_deploy.prune.allocation import LayerState, allocate
+from egp_deploy.prune.cuts import CutLayers, find_cut_layers
 from egp_deploy.prune.entropy import (
     SiteStats, collect_counts, layer_entropies, stats_from_counts, zero_entropy_sites,
 )
@@ -50,6 +52,9 @@ class PruneConfig:
     calibration_batches: int | None = None  # None: the whole calibration (val) split
     eval_batch_size: int = 256
     seed: int = 0
+    # EGP only: a layer on every input-output path keeps at least this fraction of its original
+    # weights (emptying it makes the output constant); 0 = the paper's allocation
+    min_keep_cut: float = 0.01
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -67,6 +72,8 @@ class PruneConfig:
             raise UsageError("--patience must be >= 1")
         if self.tolerance is not None and self.tolerance < 0:
             raise UsageError("--tolerance must be >= 0 (accuracy points)")
+        if not 0.0 <= self.min_keep_cut < 1.0:
+            raise UsageError(f"--min-keep-cut must be in [0, 1), got {self.min_keep_cut}")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -131,26 +138,40 @@ def finetune(model: nn.Module, bundle: DataBundle, tcfg: TrainConfig, masks: M.M
     return history
 
 
-def layer_states(model: nn.Module, layers: list[str], stats: dict[str, SiteStats], feeds: dict[str, str]) -> list[LayerState]:
+def min_keep_of_cut_layers(model: nn.Module, cuts: CutLayers, fraction: float) -> dict[str, int]:
+    """Weights each cut layer keeps at least: ``fraction`` of its original count, rounded up (so
+    any fraction > 0 keeps at least one weight)."""
+    if fraction <= 0 or not cuts.known:
+        return {}
     params = dict(_unwrap(model).named_parameters())
+    return {layer: math.ceil(fraction * params[M.weight_param(layer)].numel()) for layer in cuts.layers}
+
+
+def layer_states(model: nn.Module, layers: list[str], stats: dict[str, SiteStats], feeds: dict[str, str],
+                 min_keep: dict[str, int] | None = None) -> list[LayerState]:
+    params = dict(_unwrap(model).named_parameters())
+    min_keep = min_keep or {}
     out = []
     for layer in layers:
         w = params[M.weight_param(layer)].detach()
         nz = w[w != 0]
         site = feeds.get(layer)
         h = stats[site].entropy if site in stats else 0.0
-        out.append(LayerState(layer, h, float(nz.abs().mean()) if nz.numel() else 0.0, int(nz.numel())))
+        cap = max(0, nz.numel() - min_keep[layer]) if layer in min_keep else None
+        out.append(LayerState(layer, h, float(nz.abs().mean()) if nz.numel() else 0.0, int(nz.numel()), cap))
     return out
 
 
 def prune_step(model: nn.Module, cfg: PruneConfig, masks: M.Masks, layers: list[str], all_layers: list[str],
-               stats: dict[str, SiteStats], feeds: dict[str, str], ctx: DistContext) -> tuple[M.Masks, dict]:
+               stats: dict[str, SiteStats], feeds: dict[str, str], ctx: DistContext,
+               min_keep: dict[str, int] | None = None) -> tuple[M.Masks, dict]:
     """One pruning decision. Deterministic given the (reduced) stats and the weights, so every
-    rank computes the same masks; rank 0's are broadcast anyway as a guard."""
+    rank computes the same masks; rank 0's are broadcast anyway as a guard. ``min_keep``: weights
+    a layer keeps at least (EGP only; see min_keep_of_cut_layers)."""
     net = _unwrap(model)
     params = dict(net.named_parameters())
     if cfg.method == "egp":
-        alloc = allocate(layer_states(net, layers, stats, feeds), cfg.rate)
+        alloc = allocate(layer_states(net, layers, stats, feeds, min_keep), cfg.rate)
         new = dict(masks)
         for layer, n in alloc.prune.items():
             if n:
@@ -233,6 +254,8 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
     all_layers = all_weight_layers(model)
     feeds = {s.feeder: s.name for s in sites if s.feeder}
     masked_layers = layers if cfg.method == "egp" else all_layers
+    cuts = find_cut_layers(model, layers)
+    min_keep = min_keep_of_cut_layers(model, cuts, cfg.min_keep_cut) if cfg.method == "egp" else {}
 
     log: dict[str, Any] = {"format": LOG_FORMAT, "arch": start.arch, "arch_kwargs": start.arch_kwargs,
                            "data": bundle.spec, "config": cfg.to_json(), "prunable_layers": layers,
@@ -246,8 +269,9 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
             last = log["iterations"][-1]["iteration"] if log["iterations"] else None
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise InputFileError(f"cannot resume: {log_path} is not a readable prune log ({type(e).__name__}: {e})") from None
-        # continuing with another method or rate would silently mix two schedules in one run
-        for key in ("method", "rate"):
+        # continuing with another method, rate or guard would silently mix two schedules in one run
+        before.setdefault("min_keep_cut", 0.0)  # a log written before the guard existed: no guard
+        for key in ("method", "rate") + (("min_keep_cut",) if cfg.method == "egp" else ()):
             if before.get(key) != getattr(cfg, key):
                 raise UsageError(f"cannot resume: {out} holds a run with {key} {before.get(key)!r}, "
                                  f"this command asks for {getattr(cfg, key)!r}")
@@ -261,6 +285,11 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
         for stale in out.glob("iter_[0-9][0-9].pt"):
             stale.unlink()
     barrier(ctx)
+    # which layers nothing bypasses (they are the ones the min_keep_cut guard protects)
+    log["cut_layers"] = cuts.layers
+    log["cut_layer_min_keep"] = min_keep
+    if not cuts.known:
+        log["cut_layers_note"] = cuts.note
 
     stats = None  # entropy of the current weights; an iteration's closing measurement opens the next
     if not log["iterations"]:  # iteration 0: the starting model
@@ -282,7 +311,7 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
         t0 = time.perf_counter()
         if stats is None:  # resumed: measure the checkpoint the run continues from
             stats = measure(model, bundle, cfg, ctx, sites)
-        masks, info = prune_step(model, cfg, masks, layers, all_layers, stats, feeds, ctx)
+        masks, info = prune_step(model, cfg, masks, layers, all_layers, stats, feeds, ctx, min_keep)
         hist = finetune(model, bundle, cfg.finetune, masks, ctx, cfg.seed * 7919 + it, f"iter {it}", progress)
         stats = measure(model, bundle, cfg, ctx, sites)
         rec = _record(it, model, cfg, bundle, ctx, stats, layers, all_layers,
