@@ -231,6 +231,6 @@ def canonicalize(graph: gs.Graph) -> dict[str, list]:
         "constants_shrunk": shrink_broadcast_constants(graph),
     }
     done.update(fuse_linear_ops(graph))
-    if done["matmul_bias_fused"]:  # a per-channel Mul/Add after a new Gemm folds into it
+    if done.get("matmul_bias_fused"):  # a per-channel Mul/Add after a new Gemm folds into it
         done["affine_folded"].extend(fold_affine(graph))
     return done

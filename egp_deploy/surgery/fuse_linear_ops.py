@@ -305,11 +305,12 @@ def _best_plan(in_shape: list[int], out_shape: list[int], source: np.ndarray) ->
 
 
 def _take_name(unused: list[tuple[str, str]], op: str, base: str) -> str:
-    """The name of a replaced node of the same kind (reshape-like counts as Reshape), else a fresh one."""
-    for i, (name, old_op) in enumerate(unused):
-        if (old_op == "Transpose") == (op == "Transpose"):
-            del unused[i]
-            return name
+    """The name of a replaced node, one of the same kind (reshape-like counts as Reshape) first."""
+    for same_kind in (True, False):
+        for i, (name, old_op) in enumerate(unused):
+            if not same_kind or (old_op == "Transpose") == (op == "Transpose"):
+                del unused[i]
+                return name
     return fresh_name(f"{base}/egp_{op.lower()}")
 
 
@@ -393,11 +394,11 @@ def fuse_matmul_bias(graph: gs.Graph) -> list[dict[str, Any]]:
         weight = _weight_operand(node)
         x, mm_out = node.inputs[0], node.outputs[0]
         rank = _rank(x)
-        if weight is None or rank is None or rank < 2 or mm_out in graph.outputs:
+        if weight is None or rank is None or rank < 2:
             continue
         w_tensor, w, trans_b, w_transpose = weight
         k, m = w.shape
-        add = only_consumer(mm_out, graph)
+        add = only_consumer(mm_out, graph)  # None when mm_out is a graph output: it must stay
         bias = _bias_vector(add, mm_out, m, rank) if add is not None else None
         if bias is None:
             add = None
