@@ -7,15 +7,19 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import torch.nn as nn
 from onnx import TensorProto, helper, numpy_helper
+from test_surgery_helpers import apply, export_module, ops, outputs, randn, rel_error
+from torch import nn
 
 from egp_deploy.surgery import SurgeryOptions, optimize
 from egp_deploy.surgery.canonicalize import canonicalize
 from egp_deploy.surgery.fuse_linear_ops import (
-    compose_transposes, fold_constant_transposes, fuse_matmul_bias, merge_reshapes, simplify_layout_chains,
+    compose_transposes,
+    fold_constant_transposes,
+    fuse_matmul_bias,
+    merge_reshapes,
+    simplify_layout_chains,
 )
-from test_surgery_helpers import apply, export_module, ops, outputs, randn, rel_error
 
 TOL = 1e-5
 
@@ -78,10 +82,11 @@ def test_shared_weight_behind_a_transpose_is_read_through_trans_b_not_copied():
     nodes = [helper.make_node("Transpose", ["w"], ["wt"], name="wT", perm=[1, 0]),
              helper.make_node("MatMul", ["x", "wt"], ["h"], name="enc"),
              helper.make_node("Add", ["h", "b"], ["h2"], name="enc_bias"),
-             helper.make_node("MatMul", ["h2", "w"], ["y"], name="dec")]  # tied weight: (5, 6) used both ways
-    model = _model(nodes, [_init("w", rng.standard_normal((5, 6))), _init("b", rng.standard_normal(5))], [3, 6], [3, 6])
+             helper.make_node("Gemm", ["x", "w"], ["g"], name="other", transB=1),  # the second reader of W
+             helper.make_node("Mul", ["h2", "g"], ["y"], name="mix")]
+    model = _model(nodes, [_init("w", rng.standard_normal((5, 6))), _init("b", rng.standard_normal(5))], [3, 6], [3, 5])
     out, recs = apply(model, fuse_matmul_bias)
-    assert sorted(ops(out)) == ["Gemm", "MatMul"] and recs[0]["absorbed"] == ["enc_bias", "wT"]
+    assert sorted(ops(out)) == ["Gemm", "Gemm", "Mul"] and recs[0]["absorbed"] == ["enc_bias", "wT"]
     assert _weight_bytes(out) <= _weight_bytes(model)  # W is stored once
     _same(model, out, (3, 6))
 
@@ -241,7 +246,7 @@ def test_transposes_that_cancel_through_reshapes_vanish():
 def test_transpose_moving_only_a_unit_dim_becomes_a_reshape():
     model = _model([helper.make_node("Transpose", ["x"], ["y"], name="t", perm=[1, 0, 2])], [], [1, 6, 4], [6, 1, 4])
     out, recs = apply(model, simplify_layout_chains)
-    assert ops(out) == ["Reshape"] and out.graph.node[0].name == "t"
+    assert ops(out) == ["Reshape"] and out.graph.node[0].name == "t" and recs[0]["after"] == ["reshape"]
     _same(model, out, (1, 6, 4))
 
 
@@ -295,3 +300,57 @@ def test_tiny_attention_block_loses_nodes_and_stays_exact(monkeypatch):
     y = randn(1, 6, 8, seed=3)
     assert rel_error(outputs(model, y), outputs(res.model, y)) <= TOL
 
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_static_layout_chains_stay_exact(seed):
+    """Random Reshape/Transpose/Unsqueeze chains: never more nodes, same numbers as the chain."""
+    rng = np.random.default_rng(seed)
+    shape = [int(d) for d in rng.choice([1, 2, 3, 4], size=int(rng.integers(2, 5)))]
+    nodes, inits, src = [], [], "x"
+    current = list(shape)
+    for i in range(int(rng.integers(2, 6))):
+        dst = f"t{i}"
+        kind = rng.choice(["transpose", "reshape", "unsqueeze"])
+        if kind == "transpose":
+            perm = [int(p) for p in rng.permutation(len(current))]
+            nodes.append(helper.make_node("Transpose", [src], [dst], name=f"n{i}", perm=perm))
+            current = [current[p] for p in perm]
+        elif kind == "unsqueeze":
+            axis = int(rng.integers(0, len(current) + 1))
+            inits.append(_shape(f"a{i}", [axis]))
+            nodes.append(helper.make_node("Unsqueeze", [src, f"a{i}"], [dst], name=f"n{i}"))
+            current = current[:axis] + [1] + current[axis:]
+        else:  # regroup the elements into a random factorisation of the same size
+            factors = [p for d in current for p in ([2, d // 2] if d == 4 and rng.random() < 0.5 else [d])]
+            factors = [f for f in factors if f != 1 or rng.random() < 0.5]
+            rng.shuffle(factors)
+            current = factors or [1]
+            inits.append(_shape(f"s{i}", current))
+            nodes.append(helper.make_node("Reshape", [src, f"s{i}"], [dst], name=f"n{i}"))
+        src = dst
+    nodes.append(helper.make_node("Relu", [src], ["y"], name="relu"))
+    model = _model(nodes, inits, shape, current)
+    out, _ = apply(model, simplify_layout_chains)
+    assert len(out.graph.node) <= len(model.graph.node) and len(out.graph.node) <= 4
+    _same(model, out, tuple(shape))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_rank2_matmul_chain_is_still_merged_into_one_layer(with_bias):
+    """MatMul chains belong to merge_linear (it reads MatMuls): the Gemm fusion must not get there first."""
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1")]
+    src = "h"
+    if with_bias:
+        nodes.append(helper.make_node("Add", ["h", "b1"], ["hb"], name="bias1"))
+        src = "hb"
+    nodes += [helper.make_node("MatMul", [src, "w2"], ["h2"], name="mm2"),
+              helper.make_node("Add", ["h2", "b2"], ["y"], name="bias2")]
+    inits = [_init("w1", rng.standard_normal((6, 3))), _init("w2", rng.standard_normal((3, 5))),
+             _init("b1", rng.standard_normal(3)), _init("b2", rng.standard_normal(5))]
+    model = _model(nodes, inits, ["N", 6], ["N", 5])
+    x = randn(32, 6)
+    res = optimize(model, x, x, SurgeryOptions(strip_activations=False))
+    assert ops(res.model) == ["Gemm"] and res.report["changes"]["merged"]
+    _same(model, res.model, (4, 6))

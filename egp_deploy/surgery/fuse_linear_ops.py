@@ -26,7 +26,15 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from egp_deploy.surgery._graph import bypass, const_value, fresh_name, new_const, only_consumer, producer, set_list
+from egp_deploy.surgery._graph import (
+    bypass,
+    const_value,
+    fresh_name,
+    new_const,
+    only_consumer,
+    producer,
+    set_list,
+)
 
 RESHAPE_LIKE = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 LAYOUT_OPS = RESHAPE_LIKE + ("Transpose",)
@@ -386,7 +394,23 @@ def _weight_operand(node: gs.Node) -> tuple[gs.Tensor, np.ndarray, bool, gs.Node
     return None
 
 
+def _constant_matmul(node: gs.Node | None) -> bool:
+    return (node is not None and node.op == "MatMul" and len(node.inputs) == 2
+            and (w := const_value(node.inputs[1])) is not None and w.ndim == 2)
+
+
+def _in_matmul_chain(graph: gs.Graph, node: gs.Node, out: gs.Tensor) -> bool:
+    """x @ W1 [+ b1] @ W2 is merge_linear's to merge (it only reads MatMuls): leave such chains alone."""
+    p = producer(node.inputs[0])
+    if p is not None and p.op == "Add" and len(p.inputs) == 2:
+        live = [t for t in p.inputs if const_value(t) is None]
+        p = producer(live[0]) if len(live) == 1 else None
+    nxt = only_consumer(out, graph)
+    return _constant_matmul(p) or (_constant_matmul(nxt) and nxt.inputs[0] is out)
+
+
 def fuse_matmul_bias(graph: gs.Graph) -> list[dict[str, Any]]:
+    """MatMul(x, W) [+ b] -> Gemm (see the module docstring); returns one record per fusion."""
     records = []
     for node in list(graph.nodes):
         if node.op != "MatMul" or len(node.inputs) != 2 or not node.outputs or not isinstance(node.inputs[0], gs.Variable):
@@ -403,6 +427,8 @@ def fuse_matmul_bias(graph: gs.Graph) -> list[dict[str, Any]]:
         if bias is None:
             add = None
         elif bias.dtype != w.dtype:
+            continue
+        if _in_matmul_chain(graph, node, add.outputs[0] if add is not None else mm_out):
             continue
         if rank == 2:
             x_transpose = producer(x)
