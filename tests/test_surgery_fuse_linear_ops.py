@@ -15,6 +15,7 @@ from egp_deploy.surgery import SurgeryOptions, optimize
 from egp_deploy.surgery.canonicalize import canonicalize
 from egp_deploy.surgery.fuse_linear_ops import (
     compose_transposes,
+    constant_reshape_targets,
     fold_constant_transposes,
     fuse_matmul_bias,
     merge_reshapes,
@@ -201,6 +202,32 @@ def test_reshapes_merge_and_keep_the_dynamic_batch():
     out, recs = apply(model, merge_reshapes)
     assert ops(out) == ["Reshape"] and len(recs) == 2
     _same(model, out, (2, 6, 4), (5, 6, 4))
+
+
+def test_run_time_reshape_target_becomes_a_constant_with_the_batch_as_minus_one():
+    """What exporters write for a dynamic batch: Reshape(x, Concat(Shape(x)[0], 24)): 4 nodes go."""
+    nodes = [helper.make_node("Shape", ["x"], ["sh"], name="shape"),
+             helper.make_node("Gather", ["sh", "i0"], ["n"], name="gather", axis=0),
+             helper.make_node("Unsqueeze", ["n", "ax"], ["n1"], name="unsq"),
+             helper.make_node("Concat", ["n1", "rest"], ["target"], name="concat", axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["y"], name="flat")]
+    inits = [_shape("i0", 0), _shape("ax", [0]), _shape("rest", [24])]
+    model = _model(nodes, inits, ["N", 6, 4], ["N", 24])
+    out, recs = apply(model, constant_reshape_targets)
+    assert ops(out) == ["Reshape"] and recs == [{"node": "flat", "shape": [-1, 24]}]
+    assert out.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    _same(model, out, (1, 6, 4), (3, 6, 4))
+
+
+def test_reshape_with_two_unknown_dims_keeps_its_run_time_target():
+    nodes = [helper.make_node("Shape", ["x"], ["sh"], name="shape"),
+             helper.make_node("Slice", ["sh", "s0", "s2"], ["nl"], name="slice"),
+             helper.make_node("Concat", ["nl", "rest"], ["target"], name="concat", axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["y"], name="r")]
+    inits = [_shape("s0", [0]), _shape("s2", [2]), _shape("rest", [2, 2])]
+    model = _model(nodes, inits, ["N", "L", 4], ["N", "L", 2, 2])
+    out, recs = apply(model, constant_reshape_targets)
+    assert recs == [] and ops(out) == ops(model)
 
 
 def test_reshape_that_copies_input_dims_is_not_merged():

@@ -1,5 +1,7 @@
 """Exact fusions of linear layers and layout ops that only lower the node count.
 
+- ``constant_reshape_targets``: a Reshape target computed at run time (Shape -> Gather -> Concat, the
+  exporter's dynamic-batch form) becomes a constant with -1 where inference leaves one dim unknown.
 - ``fold_constant_transposes``: Transpose of a constant becomes the transposed constant (a shared
   constant is left alone unless every reader is a Gemm that can take it through ``transB``).
 - ``compose_transposes``: Transpose(Transpose(x, p1), p2) = Transpose(x, p1[p2]); identity perms go.
@@ -12,7 +14,7 @@
   Gemm (named as the MatMul, so module names still resolve). For rank-2 x a Transpose on x or on W is
   absorbed as transA/transB. Gemm needs rank-2 inputs, so for token tensors (N, L, C) the fusion is
   Reshape(-1, K) -> Gemm -> Reshape and is only made where both Reshapes merge into neighbouring
-  reshapes (otherwise MatMul + Add is already the smallest form).
+  reshapes (otherwise MatMul + Add is already the smallest form). MatMul chains are left to merge_linear.
 
 Every rewrite is exact algebra (a Gemm sums in a different order than MatMul + Add: fp32 rounding).
 Each pass returns one record per rewrite and changes nothing when it has nothing to do, so the
@@ -99,7 +101,8 @@ def fold_constant_transposes(graph: gs.Graph) -> list[dict[str, Any]]:
             for r in readers:
                 r.inputs[1] = c
                 r.attrs["transB"] = 1 - int(r.attrs.get("transB", 0))
-            records.append({"node": node.name, "constant": c.name, "how": "transB of " + ", ".join(r.name for r in readers)})
+            how = "transB of " + ", ".join(r.name for r in readers)
+            records.append({"node": node.name, "constant": c.name, "how": how})
             _clear(node)
     graph.cleanup()
     return records
@@ -143,6 +146,28 @@ def _shape_copies_input_dims(node: gs.Node) -> bool:
     if target is None:
         return True
     return bool(np.any(target == 0)) and not node.attrs.get("allowzero", 0)
+
+
+def constant_reshape_targets(graph: gs.Graph) -> list[dict[str, Any]]:
+    """A Reshape whose target is computed at run time (Shape -> Gather -> Concat, as exporters write for a
+    dynamic batch) but whose output shape is known up to one dim gets a constant target with -1 there;
+    the shape arithmetic then goes dead."""
+    records = []
+    for node in list(graph.nodes):
+        if node.op != "Reshape" or len(node.inputs) < 2 or not node.outputs or const_value(node.inputs[1]) is not None:
+            continue
+        shape = node.outputs[0].shape
+        if shape is None or not shape:
+            continue
+        unknown = [d for d in shape if not isinstance(d, (int, np.integer))]
+        known = [int(d) for d in shape if isinstance(d, (int, np.integer))]
+        if len(unknown) > 1 or any(d <= 0 for d in known):  # -1 stands for one dim; 0 would be ambiguous
+            continue
+        target = np.array([d if isinstance(d, (int, np.integer)) else -1 for d in shape], np.int64)
+        node.inputs[1] = new_const(target, node.name + ".shape")
+        records.append({"node": node.name, "shape": [int(d) for d in target]})
+    graph.cleanup()
+    return records
 
 
 def merge_reshapes(graph: gs.Graph) -> list[dict[str, Any]]:
@@ -413,7 +438,9 @@ def fuse_matmul_bias(graph: gs.Graph) -> list[dict[str, Any]]:
     """MatMul(x, W) [+ b] -> Gemm (see the module docstring); returns one record per fusion."""
     records = []
     for node in list(graph.nodes):
-        if node.op != "MatMul" or len(node.inputs) != 2 or not node.outputs or not isinstance(node.inputs[0], gs.Variable):
+        if node.op != "MatMul" or len(node.inputs) != 2 or not isinstance(node.inputs[0], gs.Variable):
+            continue
+        if not node.outputs:  # cleared by an earlier fusion in this sweep
             continue
         weight = _weight_operand(node)
         x, mm_out = node.inputs[0], node.outputs[0]
@@ -471,11 +498,15 @@ def fuse_matmul_bias(graph: gs.Graph) -> list[dict[str, Any]]:
 
 def fuse_linear_ops(graph: gs.Graph, max_rounds: int = 4) -> dict[str, list]:
     """All passes above until none changes anything (each rewrite enables others)."""
-    done: dict[str, list] = {"constant_transposes_folded": [], "transposes_composed": [], "layout_chains_simplified": [],
-                             "reshapes_merged": [], "matmul_bias_fused": []}
-    passes = (("constant_transposes_folded", fold_constant_transposes), ("transposes_composed", compose_transposes),
-              ("layout_chains_simplified", simplify_layout_chains), ("reshapes_merged", merge_reshapes),
-              ("matmul_bias_fused", fuse_matmul_bias))
+    passes = (
+        ("reshape_targets_constant", constant_reshape_targets),
+        ("constant_transposes_folded", fold_constant_transposes),
+        ("transposes_composed", compose_transposes),
+        ("layout_chains_simplified", simplify_layout_chains),
+        ("reshapes_merged", merge_reshapes),
+        ("matmul_bias_fused", fuse_matmul_bias),
+    )
+    done: dict[str, list] = {key: [] for key, _ in passes}
     for _ in range(max_rounds):
         changed = False
         for key, fn in passes:
