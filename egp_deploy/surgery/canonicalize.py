@@ -1,5 +1,6 @@
 """Exact canonicalisation: constant folding, BatchNormalization and per-channel affine ops folded into
-the preceding Conv/Gemm, Identity/Dropout removal, neutral elementwise ops (x+0, x-0, x*1, x/1)."""
+the preceding Conv/Gemm, Identity/Dropout removal, neutral elementwise ops (x+0, x-0, x*1, x/1),
+then the layout/linear fusions of fuse_linear_ops (Transpose/Reshape chains, MatMul + bias -> Gemm)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from egp_deploy.surgery._graph import (
     bypass, const_value, conv_weights, gemm_weights, only_consumer, producer, set_conv_weights,
     set_gemm_weights, static_shape,
 )
+from egp_deploy.surgery.fuse_linear_ops import fuse_linear_ops
 
 logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
 try:  # graphsurgeon's folding opens onnxruntime sessions; their optimizer warnings are noise here
@@ -228,4 +230,7 @@ def canonicalize(graph: gs.Graph) -> dict[str, list]:
         "neutral_removed": remove_neutral_elementwise(graph),
         "constants_shrunk": shrink_broadcast_constants(graph),
     }
+    done.update(fuse_linear_ops(graph))
+    if done.get("matmul_bias_fused"):  # a per-channel Mul/Add after a new Gemm folds into it
+        done["affine_folded"].extend(fold_affine(graph))
     return done
