@@ -17,6 +17,7 @@ from egp_deploy.surgery._graph import (
     bypass, const_value, conv_weights, gemm_weights, only_consumer, producer, set_conv_weights,
     set_gemm_weights, static_shape,
 )
+from egp_deploy.surgery.constant_offsets import merge_constant_adds, push_constant_adds, split_relu_offsets
 from egp_deploy.surgery.fuse_linear_ops import fuse_linear_ops
 
 logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
@@ -226,10 +227,13 @@ def canonicalize(graph: gs.Graph) -> dict[str, list]:
     fold_constants(graph)
     done = {
         "identities_removed": remove_identities(graph),
+        "constant_adds_merged": merge_constant_adds(graph),
+        "relu_offsets_split": split_relu_offsets(graph),  # before fold_affine: it leaves a foldable Add
         "affine_folded": fold_affine(graph),
         "neutral_removed": remove_neutral_elementwise(graph),
         "constants_shrunk": shrink_broadcast_constants(graph),
     }
+    done["constant_adds_pushed"] = push_constant_adds(graph)
     done.update(fuse_linear_ops(graph))
     if done.get("matmul_bias_fused"):  # a per-channel Mul/Add after a new Gemm folds into it
         done["affine_folded"].extend(fold_affine(graph))
