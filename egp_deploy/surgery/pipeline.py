@@ -217,12 +217,16 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
     remaining = {n.name for n in out.graph.node}
     layers_removed = [module_of(n.name) or n.name for n in named.graph.node
                       if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and n.name not in remaining]
+    # rectifiers removed by exact algebra (relu(relu(x) + c)), named like the data-dependent strips
+    relus_split = [module_of(r["node"]) or r["node"] for r in changes["canonicalized"]
+                   if r.get("pass") == "relu_offsets_split"]
     timings["total_s"] = time.perf_counter() - t0
     report = {
         "before": before,
         "after": after,
         "summary": {
             "activations_stripped": len(changes["stripped"]),
+            "activations_removed_exact": len(relus_split),
             "zero_entropy_activations": sum(s.zero_entropy for s in stats.values()),
             "activations_measured": len(stats),
             "constant_layers_folded": len(changes["constant_layers"]),
@@ -231,6 +235,7 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
             "layers_removed": len(layers_removed),
         },
         "layers_removed": layers_removed,
+        "activations_removed_exact": relus_split,
         "passes": [k for k, v in changes.items() if v],
         "changes": changes,
         "activations": [dict(s.summary(), module=module_of(s.node)) for s in stats.values()],

@@ -99,6 +99,10 @@ def print_report(report: dict[str, Any], console=None) -> None:
     removed = report.get("layers_removed") or []
     if removed:
         console.print(f"[bold]conv/gemm layers removed:[/] {len(removed)}: {', '.join(removed)}", soft_wrap=True)
+    exact = report.get("activations_removed_exact") or []
+    if exact:
+        console.print(f"[bold]activations removed (exact, relu(relu(x)+c) = relu(x+min(c,0))+max(c,0)):[/] "
+                      f"{len(exact)}: {', '.join(exact)}", soft_wrap=True)
     lists = report.get("changes", {})
     for key, title in (("stripped", "activations stripped (data-dependent)"),
                        ("constant_layers", "constant layers folded"),
