@@ -315,12 +315,15 @@ def test_tiny_attention_block_loses_nodes_and_stays_exact(monkeypatch):
     torch.manual_seed(0)
     model = export_module(_TinyAttention(), (1, 6, 8))
     x = randn(16, 6, 8)
-    res = optimize(model, x, x, SurgeryOptions(strip_activations=False))
+    res = optimize(model, x, x, SurgeryOptions(strip_activations=False, simplify_layout_chains=True))
     passes = {c["pass"] for c in res.report["changes"]["canonicalized"]}
     assert {"layout_chains_simplified", "matmul_bias_fused"} <= passes
+    default = optimize(model, x, x, SurgeryOptions(strip_activations=False))  # layout chains are opt-in
+    assert "layout_chains_simplified" not in {c["pass"] for c in default.report["changes"]["canonicalized"]}
+    assert len(res.model.graph.node) <= len(default.model.graph.node)
     import egp_deploy.surgery.canonicalize as canon
 
-    monkeypatch.setattr(canon, "fuse_linear_ops", lambda graph: {})  # the pipeline without the new passes
+    monkeypatch.setattr(canon, "fuse_linear_ops", lambda graph, **kw: {})  # the pipeline without the new passes
     without = optimize(model, x, x, SurgeryOptions(strip_activations=False)).model
     assert len(res.model.graph.node) < len(without.graph.node)
     assert res.report["verification"]["calibration"]["rel_error"] <= TOL

@@ -94,6 +94,9 @@ def surgery(
     channel_multiple: int = typer.Option(
         8, min=1, help="Keep narrowed channel counts at multiples of this (runtimes block channels by 8/16; "
                        "1 narrows fully)."),
+    simplify_layout_chains: bool = typer.Option(
+        False, help="Also collapse Reshape/Transpose chains (fewer nodes; can defeat onnxruntime's MatMul "
+                    "fusion and run slower: benchmark it)."),
     strip: bool = typer.Option(True, help="Strip activations found always linear on calibration data (data-dependent)."),
     min_agreement: float = typer.Option(
         0.99, help="Held-out top-1 agreement the data-dependent strips must keep, else they are reverted."),
@@ -136,7 +139,7 @@ def surgery(
             held = load_samples(held_spec, model, held_out_samples, "test", seed=1)
     options = SurgeryOptions(
         tolerance=tolerance, max_mac_growth=max_mac_growth, allow_inexact_merge=allow_inexact_merge,
-        channel_multiple=channel_multiple, strip_activations=strip, min_held_out_agreement=min_agreement, batch_size=batch_size,
+        channel_multiple=channel_multiple, simplify_layout_chains=simplify_layout_chains, strip_activations=strip, min_held_out_agreement=min_agreement, batch_size=batch_size,
         threads=threads, progress=not quiet,
     )
     result = optimize(model, cal, held, options)

@@ -222,8 +222,9 @@ def shrink_broadcast_constants(graph: gs.Graph) -> list[str]:
     return shrunk
 
 
-def canonicalize(graph: gs.Graph) -> dict[str, list]:
-    """All exact canonicalisations once; returns what each sub-pass did."""
+def canonicalize(graph: gs.Graph, layout_chains: bool = False) -> dict[str, list]:
+    """All exact canonicalisations once; returns what each sub-pass did (``layout_chains``: see
+    fuse_linear_ops, opt-in because it can make onnxruntime slower)."""
     fold_constants(graph)
     done = {
         "identities_removed": remove_identities(graph),
@@ -234,7 +235,7 @@ def canonicalize(graph: gs.Graph) -> dict[str, list]:
         "constants_shrunk": shrink_broadcast_constants(graph),
     }
     done["constant_adds_pushed"] = push_constant_adds(graph)
-    done.update(fuse_linear_ops(graph))
+    done.update(fuse_linear_ops(graph, layout_chains=layout_chains))
     if done.get("matmul_bias_fused"):  # a per-channel Mul/Add after a new Gemm folds into it
         done["affine_folded"].extend(fold_affine(graph))
     return done

@@ -40,6 +40,7 @@ class SurgeryOptions:
     held_out_tolerance: float = 1e-3  # the same for non-classifier outputs (relative error)
     dead_channels: bool = True
     channel_multiple: int = 8  # narrowed channel counts stay multiples of this (1: narrow fully)
+    simplify_layout_chains: bool = False  # fewer Reshape/Transpose nodes, but can defeat runtime MatMul fusion
     merge: bool = True
     batch_size: int = 32
     max_rounds: int = 8
@@ -91,14 +92,14 @@ def _rewrite(named: onnx.ModelProto, stats: dict[str, ActivationStats] | None, o
         changes["canonicalized"].extend(items)
         return bool(items)
 
-    record_canon(canonicalize(graph))
+    record_canon(canonicalize(graph, options.simplify_layout_chains))
     if stats:
         graph = refresh_shapes(graph, named)
         changes["stripped"] = strip_activations(graph, stats, module_of)
     for _ in range(options.max_rounds):
         changed = False
         graph = refresh_shapes(graph, named)
-        changed |= record_canon(canonicalize(graph))
+        changed |= record_canon(canonicalize(graph, options.simplify_layout_chains))
         graph = refresh_shapes(graph, named)
         if options.dead_channels:
             folded = constant_layers_to_constants(graph, module_of)
@@ -121,7 +122,7 @@ def _rewrite(named: onnx.ModelProto, stats: dict[str, ActivationStats] | None, o
     if changes["stripped"]:
         changes["stripped"] = unpin_survivors(graph, changes["stripped"])
         graph = refresh_shapes(graph, named)
-        record_canon(canonicalize(graph))
+        record_canon(canonicalize(graph, options.simplify_layout_chains))
     return to_model(graph, named, check=True), changes
 
 
