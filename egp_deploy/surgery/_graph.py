@@ -53,6 +53,18 @@ def channels(t: gs.Tensor) -> int | None:
     return int(shape[1])
 
 
+def channel_vector(c: np.ndarray, out_rank: int, channels: int) -> np.ndarray | None:
+    """A constant that broadcasts only along axis 1 of a rank-``out_rank`` tensor, as a (C,) vector."""
+    if c.size == 1:
+        return np.full((channels,), c.reshape(()), dtype=np.float32)
+    if c.ndim > out_rank:
+        return None
+    shape = (1,) * (out_rank - c.ndim) + tuple(c.shape)
+    if shape[0] != 1 or shape[1] != channels or any(d != 1 for d in shape[2:]):
+        return None
+    return c.reshape(channels).astype(np.float32)
+
+
 def spatial_static(t: gs.Tensor) -> bool:
     shape = static_shape(t)
     return shape is not None and len(shape) >= 2 and all(isinstance(d, (int, np.integer)) and d > 0 for d in shape[1:])

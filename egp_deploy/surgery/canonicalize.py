@@ -13,6 +13,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from egp_deploy.surgery._graph import (
+    channel_vector,
     set_list,
     bypass, const_value, conv_weights, gemm_weights, only_consumer, producer, set_conv_weights,
     set_gemm_weights, static_shape,
@@ -60,18 +61,6 @@ def _dropout_is_identity(graph: gs.Graph, node: gs.Node) -> bool:
         if mode is None or bool(np.asarray(mode).reshape(-1)[0]):
             return False
     return all(not o.outputs and o not in graph.outputs for o in node.outputs[1:])
-
-
-def _channel_vector(c: np.ndarray, out_rank: int, channels: int) -> np.ndarray | None:
-    """A constant that broadcasts only along axis 1 of a rank-``out_rank`` tensor, as a (C,) vector."""
-    if c.size == 1:
-        return np.full((channels,), c.reshape(()), dtype=np.float32)
-    if c.ndim > out_rank:
-        return None
-    shape = (1,) * (out_rank - c.ndim) + tuple(c.shape)
-    if shape[0] != 1 or shape[1] != channels or any(d != 1 for d in shape[2:]):
-        return None
-    return c.reshape(channels).astype(np.float32)
 
 
 def _affine_target(graph: gs.Graph, x: gs.Tensor):
@@ -140,7 +129,7 @@ def fold_affine(graph: gs.Graph) -> list[dict[str, Any]]:
                     continue
                 p, wb, kind = target
                 cout = wb[0].shape[0] if kind == "conv" else wb[0].shape[1]
-                vec = _channel_vector(c, len(xs), cout)
+                vec = channel_vector(c, len(xs), cout)
                 if vec is None:
                     continue
                 vec = vec.astype(np.float64)

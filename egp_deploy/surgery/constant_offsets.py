@@ -19,7 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from egp_deploy.surgery._graph import (
-    bypass, const_value, conv_attrs, conv_weights, dense_conv_weight, gemm_weights, has_padding,
+    bypass, channel_vector, const_value, conv_attrs, conv_weights, dense_conv_weight, gemm_weights, has_padding,
     new_const, only_consumer, producer, set_conv_weights, set_gemm_weights, set_list, static_shape,
 )
 
@@ -109,14 +109,12 @@ def split_relu_offsets(graph: gs.Graph) -> list[dict[str, Any]]:
 
 
 def _channel_vector(c: np.ndarray, x: gs.Tensor) -> np.ndarray | None:
-    """``c`` as a (C,) vector when it is constant along everything but dim 1 of ``x``."""
+    """``c`` as a (C,) float64 vector when it is constant along everything but dim 1 of ``x``."""
     xs = static_shape(x)
-    if xs is None or len(xs) < 2 or not isinstance(xs[1], (int, np.integer)) or c.ndim > len(xs):
+    if xs is None or len(xs) < 2 or not isinstance(xs[1], (int, np.integer)):
         return None
-    full = c.reshape((1,) * (len(xs) - c.ndim) + c.shape)
-    if any(d != 1 for i, d in enumerate(full.shape) if i != 1) or full.shape[1] not in (1, xs[1]):
-        return None
-    return np.broadcast_to(full.reshape(-1), (int(xs[1]),)).astype(np.float64)
+    vec = channel_vector(c, len(xs), int(xs[1]))
+    return None if vec is None else vec.astype(np.float64)
 
 
 def push_constant_adds(graph: gs.Graph) -> list[dict[str, Any]]:
