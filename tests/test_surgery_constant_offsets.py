@@ -117,3 +117,27 @@ def test_collapsed_residual_chain_end_to_end_removes_rectifiers():
     assert ops(res.model).count("Relu") == 1
     assert res.report["verification"]["calibration"]["rel_error"] <= TOL
     assert rel_error(outputs(model, held), outputs(res.model, held)) <= TOL
+
+
+def test_offset_split_waits_for_the_activation_statistics():
+    """An inner ReLU always ON on calibration data is stripped by its MEASURED statistics; splitting the
+    offset first would shift its input by min(c, 0) and make that strip wrong."""
+
+    class AlwaysOnThenOffset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            with torch.no_grad():
+                self.conv.weight.mul_(0.1)
+                self.conv.bias.fill_(1.0)
+            self.register_buffer("c", torch.tensor([-1.0, 0.5, -0.2, 0.3]).reshape(1, 4, 1, 1))
+
+        def forward(self, x):
+            return torch.relu(torch.relu(self.conv(x)) + self.c)
+
+    model = export_module(AlwaysOnThenOffset(), (1, 3, 6, 6), dynamic=True)
+    x, held = randn(32, 3, 6, 6), randn(16, 3, 6, 6, seed=1)
+    res = optimize(model, x, held)
+    assert res.report["verification"]["calibration"]["rel_error"] <= TOL
+    assert ops(res.model).count("Relu") <= 1
+    assert rel_error(outputs(model, held), outputs(res.model, held)) <= TOL

@@ -211,14 +211,15 @@ def shrink_broadcast_constants(graph: gs.Graph) -> list[str]:
     return shrunk
 
 
-def canonicalize(graph: gs.Graph, layout_chains: bool = False) -> dict[str, list]:
+def canonicalize(graph: gs.Graph, layout_chains: bool = False, relu_offsets: bool = True) -> dict[str, list]:
     """All exact canonicalisations once; returns what each sub-pass did (``layout_chains``: see
-    fuse_linear_ops, opt-in because it can make onnxruntime slower)."""
+    fuse_linear_ops, opt-in because it can make onnxruntime slower; ``relu_offsets=False`` while
+    measured activation statistics are still to be applied: a split shifts a ReLU's input)."""
     fold_constants(graph)
     done = {
         "identities_removed": remove_identities(graph),
         "constant_adds_merged": merge_constant_adds(graph),
-        "relu_offsets_split": split_relu_offsets(graph),  # before fold_affine: it leaves a foldable Add
+        "relu_offsets_split": split_relu_offsets(graph) if relu_offsets else [],  # before fold_affine: it leaves a foldable Add
         "affine_folded": fold_affine(graph),
         "neutral_removed": remove_neutral_elementwise(graph),
         "constants_shrunk": shrink_broadcast_constants(graph),

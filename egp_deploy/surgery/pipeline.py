@@ -92,7 +92,8 @@ def _rewrite(named: onnx.ModelProto, stats: dict[str, ActivationStats] | None, o
         changes["canonicalized"].extend(items)
         return bool(items)
 
-    record_canon(canonicalize(graph, options.simplify_layout_chains))
+    # the statistics were measured on the input graph: no rewrite may move a ReLU's input before they are used
+    record_canon(canonicalize(graph, options.simplify_layout_chains, relu_offsets=not stats))
     if stats:
         graph = refresh_shapes(graph, named)
         changes["stripped"] = strip_activations(graph, stats, module_of)
