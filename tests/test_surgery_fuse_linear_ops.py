@@ -20,6 +20,8 @@ from egp_deploy.surgery.fuse_linear_ops import (
     fuse_matmul_bias,
     merge_reshapes,
     simplify_layout_chains,
+    sink_reshapes_through_matmuls,
+    unit_transposes_to_reshapes,
 )
 
 TOL = 1e-5
@@ -285,6 +287,62 @@ def test_real_transpose_and_dynamic_chains_are_left_alone():
     for model in (real, dyn):
         out, recs = apply(model, simplify_layout_chains)
         assert recs == [] and ops(out) == ops(model)
+
+
+# ---------------------------------------------------------------- unit-axis transposes, reshapes past MatMul
+@pytest.mark.parametrize("perm,in_shape", [([1, 0, 2], [1, 6, 4]), ([0, 2, 1, 3], [6, 1, 1, 4]),
+                                           ([2, 0, 1], [6, 4, 1]), ([1, 0, 2], [2, 1, 4])])
+def test_transpose_that_moves_only_unit_axes_becomes_a_reshape(perm, in_shape):
+    out_shape = [in_shape[p] for p in perm]
+    model = _model([helper.make_node("Transpose", ["x"], ["y"], name="t", perm=perm)], [], in_shape, out_shape)
+    out, recs = apply(model, unit_transposes_to_reshapes)
+    assert ops(out) == ["Reshape"] and out.graph.node[0].name == "t" and recs[0]["perm"] == perm
+    _same(model, out, tuple(in_shape))
+
+
+@pytest.mark.parametrize("perm,in_shape", [([0, 2, 1], [1, 6, 4]), ([1, 0, 2], ["N", 6, 4])])
+def test_transpose_that_moves_data_or_has_an_unknown_dim_stays(perm, in_shape):
+    """(1, 6, 4) -> (1, 4, 6) reorders elements; a dynamic batch is not known to be 1."""
+    out_shape = [in_shape[p] for p in perm]
+    model = _model([helper.make_node("Transpose", ["x"], ["y"], name="t", perm=perm)], [], in_shape, out_shape)
+    out, recs = apply(model, unit_transposes_to_reshapes)
+    assert recs == [] and ops(out) == ["Transpose"]
+
+
+def _reshape_matmul_then(k_kept: bool, after_op: str = "Reshape"):
+    """(1, 6, 4) -> Reshape -> MatMul W -> Reshape (6, 5) or Relu; the first Reshape keeps K = 4 or splits it."""
+    rng = np.random.default_rng(1)
+    first = [6, 1, 4] if k_kept else [6, 2, 2]
+    w = rng.standard_normal((first[-1], 5))
+    nodes = [helper.make_node("Reshape", ["x", "s1"], ["a"], name="r1"),
+             helper.make_node("MatMul", ["a", "w"], ["b"], name="mm")]
+    inits = [_shape("s1", first), _init("w", w)]
+    if after_op == "Reshape":
+        nodes.append(helper.make_node("Reshape", ["b", "s2"], ["y"], name="r2"))
+        inits.append(_shape("s2", [-1, 5]))
+        out_shape = [6 if k_kept else 12, 5]
+    else:
+        nodes.append(helper.make_node("Relu", ["b"], ["y"], name="relu"))
+        out_shape = first[:-1] + [5]
+    return _model(nodes, inits, [1, 6, 4], out_shape)
+
+
+def test_reshape_keeping_the_contracted_axis_sinks_below_the_matmul_and_merges():
+    model = _reshape_matmul_then(True)
+    out, recs = apply(model, sink_reshapes_through_matmuls)
+    assert recs == [{"node": "r1", "matmul": "mm"}] and ops(out) == ["MatMul", "Reshape", "Reshape"]
+    assert out.graph.node[0].input[0] == "x"
+    _same(model, out, (1, 6, 4))
+    merged, _ = apply(out, merge_reshapes)
+    assert ops(merged) == ["MatMul", "Reshape"]
+    _same(model, merged, (1, 6, 4))
+
+
+@pytest.mark.parametrize("k_kept,after_op", [(False, "Reshape"), (True, "Relu")])
+def test_reshape_is_not_sunk_when_it_splits_the_contracted_axis_or_nothing_would_merge(k_kept, after_op):
+    model = _reshape_matmul_then(k_kept, after_op)
+    out, recs = apply(model, sink_reshapes_through_matmuls)
+    assert recs == [] and ops(out) == ops(model)
 
 
 # ---------------------------------------------------------------- through canonicalize / optimize

@@ -5,7 +5,11 @@
 - ``fold_constant_transposes``: Transpose of a constant becomes the transposed constant (a shared
   constant is left alone unless every reader is a Gemm that can take it through ``transB``).
 - ``compose_transposes``: Transpose(Transpose(x, p1), p2) = Transpose(x, p1[p2]); identity perms go.
+- ``unit_transposes_to_reshapes``: a Transpose that only moves size-1 axes (static shape; e.g. the
+  (1, L, C) -> (L, 1, C) of attention at batch 1) moves no data: it becomes a Reshape, which then merges.
 - ``merge_reshapes``: Reshape(reshape-like(x), s) = Reshape(x, s) when ``s`` does not copy input dims.
+- ``sink_reshapes_through_matmuls``: Reshape(x) @ W = Reshape(x @ W) when the Reshape keeps the last
+  (contracted) axis; done only where the moved Reshape then merges with the one after the MatMul.
 - ``simplify_layout_chains``: with static shapes, a chain of Reshape/Transpose/Squeeze/Unsqueeze/Flatten
   is a permutation of the flat elements; it is rewritten as at most Reshape -> Transpose -> Reshape
   when that takes fewer nodes (or swaps a Transpose for a free Reshape). Each candidate is checked by
@@ -139,6 +143,27 @@ def compose_transposes(graph: gs.Graph) -> list[dict[str, Any]]:
     return records
 
 
+def unit_transposes_to_reshapes(graph: gs.Graph) -> list[dict[str, Any]]:
+    """Transpose -> Reshape when the non-unit axes keep their order (the flat element order is unchanged)."""
+    records = []
+    for node in list(graph.nodes):
+        if node.op != "Transpose" or not node.inputs or not node.outputs:
+            continue
+        shape = getattr(node.inputs[0], "shape", None)
+        perm = _perm(node)
+        if not _fully_static(shape) or perm is None or len(perm) != len(shape):
+            continue
+        moved = [p for p in perm if shape[p] != 1]
+        if moved != sorted(moved) or perm == list(range(len(perm))):
+            continue  # a real permutation (or an identity, compose_transposes' job)
+        target = np.array([int(shape[p]) for p in perm], np.int64)
+        node.op = "Reshape"
+        node.attrs = {}
+        set_list(node.inputs, [node.inputs[0], new_const(target, node.name + ".shape")])
+        records.append({"node": node.name, "perm": perm, "shape": [int(d) for d in shape]})
+    return records
+
+
 # ---------------------------------------------------------------- reshapes
 def _shape_copies_input_dims(node: gs.Node) -> bool:
     """A Reshape whose target has a 0 entry copies that dim from its input (unless allowzero)."""
@@ -184,6 +209,41 @@ def merge_reshapes(graph: gs.Graph) -> list[dict[str, Any]]:
         records.append({"node": node.name, "absorbed": first.name})
         _clear(first)
     graph.cleanup()
+    return records
+
+
+def sink_reshapes_through_matmuls(graph: gs.Graph) -> list[dict[str, Any]]:
+    """Reshape -> MatMul(const 2-D W) -> Reshape becomes MatMul -> Reshape -> Reshape (which merge): MatMul
+    treats every leading axis as a batch axis, so regrouping them before or after it is the same product."""
+    records = []
+    for node in list(graph.nodes):
+        if node.op != "Reshape" or len(node.inputs) < 2 or not node.outputs or _shape_copies_input_dims(node):
+            continue
+        x, mid = node.inputs[0], node.outputs[0]
+        mm = only_consumer(mid, graph)
+        if mm is None or mm.op != "MatMul" or len(mm.inputs) != 2 or mm.inputs[0] is not mid:
+            continue
+        w = const_value(mm.inputs[1])
+        after = only_consumer(mm.outputs[0], graph)
+        in_shape, mid_shape = getattr(x, "shape", None), mid.shape
+        if (w is None or w.ndim != 2 or after is None or after.op != "Reshape" or _shape_copies_input_dims(after)
+                or in_shape is None or mid_shape is None or len(in_shape) < 2 or len(mid_shape) < 2):
+            continue
+        k = int(w.shape[0])
+        if in_shape[-1] != k or mid_shape[-1] != k:
+            continue  # the Reshape mixes the contracted axis in
+        target = const_value(node.inputs[1]).astype(np.int64).copy()
+        target[-1] = int(w.shape[1])
+        product = gs.Variable(fresh_name(mm.name + "_unshaped"), dtype=mm.outputs[0].dtype)
+        mm_out = mm.outputs[0]
+        mm.inputs[0] = x
+        set_list(mm.outputs, [product])
+        set_list(node.inputs, [product, new_const(target, node.name + ".shape")])
+        set_list(node.outputs, [mm_out])
+        mid.shape = None
+        records.append({"node": node.name, "matmul": mm.name})
+    if records:
+        graph.cleanup().toposort()
     return records
 
 
@@ -505,7 +565,9 @@ def fuse_linear_ops(graph: gs.Graph, max_rounds: int = 4, layout_chains: bool = 
         ("reshape_targets_constant", constant_reshape_targets),
         ("constant_transposes_folded", fold_constant_transposes),
         ("transposes_composed", compose_transposes),
+        ("unit_transposes_reshaped", unit_transposes_to_reshapes),
         ("layout_chains_simplified", simplify_layout_chains if layout_chains else (lambda g: [])),
+        ("reshapes_sunk_through_matmuls", sink_reshapes_through_matmuls),
         ("reshapes_merged", merge_reshapes),
         ("matmul_bias_fused", fuse_matmul_bias),
     )
