@@ -172,12 +172,15 @@ def run_batched(session, input_name: str, data: np.ndarray, static_batch: int | 
         consume([o[:n] if (o.ndim and static_batch) else o for o in outs])
 
 
-def make_session(model: onnx.ModelProto | bytes, threads: int = 0):
+def make_session(model: onnx.ModelProto | bytes, threads: int = 0, optimized: bool = True):
+    """A CPU session (``optimized=False``: onnxruntime's graph optimisations off, i.e. other kernels)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
+    if not optimized:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.log_severity_level = 3
     blob = model if isinstance(model, bytes) else model.SerializeToString()
     try:

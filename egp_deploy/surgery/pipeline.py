@@ -19,7 +19,7 @@ from egp_deploy.surgery.dead_channels import constant_layers_to_constants, elimi
 from egp_deploy.surgery.merge_linear import merge_linear
 from egp_deploy.surgery.report import module_namer
 from egp_deploy.surgery.strip_activations import strip_activations, unpin_survivors
-from egp_deploy.surgery.verify import compare, passes, run_model
+from egp_deploy.surgery.verify import NOISE_FACTOR, compare, fp32_noise_floor, passes, run_model
 
 try:
     from onnx_graphsurgeon.logger import G_LOGGER
@@ -193,6 +193,19 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
                 "pass held-out inputs to check that they generalise")
     inexact = _inexact(changes)
     tol = options.inexact_tolerance if inexact else options.tolerance
+    noise = None
+    held_checked = held is not None and not changes["stripped"]
+    if not inexact and (not passes(cal, tol) or (held_checked and not passes(held, tol))):
+        # An exact rewrite cannot be held below the input graph's own fp32 round-off: measure it.
+        noise = fp32_noise_floor(named, calibration, ref_cal, options.batch_size, options.threads)
+        if held_checked:
+            noise = max(noise, fp32_noise_floor(named, held_out, ref_held, options.batch_size, options.threads))
+        if NOISE_FACTOR * noise > tol:
+            extra = (f"the input graph's own fp32 round-off is {noise:.2e} (two onnxruntime evaluations of it "
+                     f"with different kernels), above the tolerance {tol:g}: exact rewrites were accepted up "
+                     f"to {NOISE_FACTOR:g}x that ({NOISE_FACTOR * noise:.2e})")
+            note = extra if note is None else note + "; " + extra
+            tol = NOISE_FACTOR * noise
     if not passes(cal, tol):
         raise VerificationError(
             f"rewritten graph differs from the input on calibration data: rel. error {cal['rel_error']:.3g} "
@@ -203,6 +216,8 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
             f"> {tol:g}{' (' + held['problem'] + ')' if held['problem'] else ''}; nothing written")
     verification = {
         "tolerance": tol,
+        "requested_tolerance": options.inexact_tolerance if inexact else options.tolerance,
+        "fp32_noise_floor": noise,
         "calibration": cal,
         "held_out": held,
         "exact_rewrites_pass": True,
