@@ -23,6 +23,19 @@ def const_value(t: gs.Tensor | None) -> np.ndarray | None:
     return None
 
 
+
+def constant_operand(node: gs.Node, ops: tuple[str, ...] = ("Add",)) -> tuple[gs.Tensor, np.ndarray, int] | None:
+    """(live input, constant, the constant's input index) of a two-input ``ops`` node with exactly one
+    constant operand; None otherwise."""
+    if node.op not in ops or len(node.inputs) != 2 or len(node.outputs) != 1:
+        return None
+    vals = [const_value(t) for t in node.inputs]
+    if (vals[0] is None) == (vals[1] is None):
+        return None
+    ci = 0 if vals[0] is not None else 1
+    return node.inputs[1 - ci], vals[ci], ci
+
+
 def new_const(values: np.ndarray, base: str) -> gs.Constant:
     return gs.Constant(fresh_name(base), np.ascontiguousarray(values))
 

@@ -13,10 +13,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from egp_deploy.surgery._graph import (
-    channel_vector,
-    set_list,
-    bypass, const_value, conv_weights, gemm_weights, only_consumer, producer, set_conv_weights,
-    set_gemm_weights, static_shape,
+    bypass, channel_vector, const_value, constant_operand, conv_weights, gemm_weights, only_consumer, producer,
+    set_conv_weights, set_gemm_weights, set_list, static_shape,
 )
 from egp_deploy.surgery.constant_offsets import merge_constant_adds, push_constant_adds, split_relu_offsets
 from egp_deploy.surgery.fuse_linear_ops import fuse_linear_ops
@@ -112,14 +110,10 @@ def fold_affine(graph: gs.Graph) -> list[dict[str, Any]]:
                 scale = g / np.sqrt(var + float(node.attrs.get("epsilon", 1e-5)))
                 shift = beta - mean * scale
                 x_var = node.inputs[0]
-            elif node.op in ("Mul", "Add", "Sub", "Div") and len(node.inputs) == 2:
-                vals = [const_value(t) for t in node.inputs]
-                if (vals[0] is None) == (vals[1] is None):
-                    continue
-                ci = 0 if vals[0] is not None else 1
+            elif (found := constant_operand(node, ("Mul", "Add", "Sub", "Div"))) is not None:
+                x_var, c, ci = found
                 if node.op in ("Sub", "Div") and ci == 0:
                     continue
-                x_var, c = node.inputs[1 - ci], vals[ci]
                 target = _affine_target(graph, x_var)
                 if target is None:
                     continue

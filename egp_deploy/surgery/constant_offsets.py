@@ -19,20 +19,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from egp_deploy.surgery._graph import (
-    bypass, channel_vector, const_value, conv_attrs, conv_weights, dense_conv_weight, gemm_weights, has_padding,
-    new_const, only_consumer, producer, set_conv_weights, set_gemm_weights, set_list, static_shape,
+    bypass, channel_vector, constant_operand, conv_attrs, conv_weights, dense_conv_weight, gemm_weights,
+    has_padding, new_const, only_consumer, producer, set_conv_weights, set_gemm_weights, set_list, static_shape,
 )
 
 
 def _constant_operand(node: gs.Node) -> tuple[gs.Tensor, np.ndarray] | None:
-    """(variable input, constant) of a two-input Add with exactly one constant operand."""
-    if node.op != "Add" or len(node.inputs) != 2 or len(node.outputs) != 1:
-        return None
-    vals = [const_value(t) for t in node.inputs]
-    if (vals[0] is None) == (vals[1] is None):
-        return None
-    ci = 0 if vals[0] is not None else 1
-    return node.inputs[1 - ci], vals[ci]
+    """(live input, constant) of an Add with exactly one constant operand."""
+    found = constant_operand(node)
+    return None if found is None else found[:2]
 
 
 def _broadcast_keeps_shape(c: np.ndarray, x: gs.Tensor) -> bool:
