@@ -33,6 +33,8 @@ def test_registry_lists_the_four_reference_architectures_and_rejects_others():
         create_model("resnet50")
     with pytest.raises(UnsupportedError, match="bad arguments"):
         create_model("resnet18", no_such_knob=1)
+    with pytest.raises(UnsupportedError, match="bad arguments for architecture 'resnet18'"):
+        create_model("resnet18", width=0)  # fails inside torch's init: still the user's argument
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

@@ -26,13 +26,21 @@ import sys
 import time
 from pathlib import Path
 
+from egp_deploy.io_utils import write_bytes_atomic, write_json_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class StageFailed(Exception):
+    pass
+
+
 def _cli(*args: str) -> None:
-    cmd = [sys.executable, "-m", "egp_deploy.cli", *args]
+    """One pipeline stage through its own CLI (which prints its own one-line error on failure)."""
     print("$ egp-" + " ".join(args), flush=True)
-    subprocess.run(cmd, check=True)
+    rc = subprocess.run([sys.executable, "-m", "egp_deploy.cli", *args]).returncode
+    if rc != 0:
+        raise StageFailed(f"egp-{args[0]} failed with exit code {rc}; nothing written to docs/results")
 
 
 def _prune_done(run: Path, iterations: int) -> bool:
@@ -57,6 +65,14 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of interleaved latency timing")
     ap.add_argument("--reuse", action="store_true", help="skip pruning when RUN/ already holds a finished run")
     args = ap.parse_args()
+    try:
+        return _run(args)
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     run = args.run_dir or ROOT / "runs" / f"wide_reference_w{args.width}"
     t0 = time.time()
 
@@ -109,8 +125,8 @@ def main() -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"wide_reference_w{args.width}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(_markdown(result))
+    write_json_atomic(stem.with_suffix(".json"), result)
+    write_bytes_atomic(stem.with_suffix(".md"), _markdown(result).encode())
     print(f"wrote {stem}.json, {stem}.md")
     return 0
 

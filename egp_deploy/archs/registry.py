@@ -31,6 +31,12 @@ def check_arch(name: str) -> str:
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build architecture ``name`` with keyword knobs (``num_classes``, ``in_channels``, ``width`` ...)."""
     check_arch(name)
+    # every numeric knob of the reference architectures is a size (width, classes, layers ...):
+    # a non-positive one builds a module that only fails at its first forward pass
+    bad = {k: v for k, v in kwargs.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0}
+    if bad:
+        raise UnsupportedError(f"bad arguments for architecture {name!r}: sizes must be positive, got "
+                               + ", ".join(f"{k}={v}" for k, v in bad.items()))
     try:
         return _REGISTRY[name](**kwargs)
     except TypeError as e:

@@ -24,12 +24,6 @@ from egp_deploy.surgery._graph import (
 )
 
 
-def _constant_operand(node: gs.Node) -> tuple[gs.Tensor, np.ndarray] | None:
-    """(live input, constant) of an Add with exactly one constant operand."""
-    found = constant_operand(node)
-    return None if found is None else found[:2]
-
-
 def _broadcast_keeps_shape(c: np.ndarray, x: gs.Tensor) -> bool:
     """True when adding ``c`` to ``x`` cannot change x's shape (the rewrite moves ``c`` elsewhere)."""
     xs = static_shape(x)
@@ -45,17 +39,17 @@ def merge_constant_adds(graph: gs.Graph) -> list[dict[str, Any]]:
     """(x + a) + b -> x + (a + b) when the inner sum feeds nothing else (a split leaves such pairs)."""
     done = []
     for outer in list(graph.nodes):
-        operand = _constant_operand(outer)
+        operand = constant_operand(outer)
         if operand is None:
             continue
-        mid, b = operand
+        mid, b, _ = operand
         inner = producer(mid) if isinstance(mid, gs.Variable) else None
         if inner is None or only_consumer(mid, graph) is not outer:
             continue
-        inner_operand = _constant_operand(inner)
+        inner_operand = constant_operand(inner)
         if inner_operand is None:
             continue
-        x, a = inner_operand
+        x, a, _ = inner_operand
         if a.dtype != b.dtype:
             continue
         total = a + b
@@ -77,10 +71,10 @@ def split_relu_offsets(graph: gs.Graph) -> list[dict[str, Any]]:
         add = producer(outer.inputs[0])
         if add is None or only_consumer(outer.inputs[0], graph) is not outer:
             continue
-        operand = _constant_operand(add)
+        operand = constant_operand(add)
         if operand is None:
             continue
-        r, c = operand
+        r, c, _ = operand
         inner = producer(r) if isinstance(r, gs.Variable) else None
         if inner is None or inner.op != "Relu" or only_consumer(r, graph) is not add:
             continue
@@ -120,10 +114,10 @@ def push_constant_adds(graph: gs.Graph) -> list[dict[str, Any]]:
     while changed:
         changed = False
         for add in list(graph.nodes):
-            operand = _constant_operand(add)
+            operand = constant_operand(add)
             if operand is None or not add.outputs:
                 continue
-            x, c = operand
+            x, c, _ = operand
             vec = _channel_vector(c, x)
             nxt = only_consumer(add.outputs[0], graph)
             if vec is None or nxt is None or not _broadcast_keeps_shape(c, x):

@@ -240,7 +240,6 @@ def sink_reshapes_through_matmuls(graph: gs.Graph) -> list[dict[str, Any]]:
         set_list(mm.outputs, [product])
         set_list(node.inputs, [product, new_const(target, node.name + ".shape")])
         set_list(node.outputs, [mm_out])
-        mid.shape = None
         records.append({"node": node.name, "matmul": mm.name})
     if records:
         graph.cleanup().toposort()
