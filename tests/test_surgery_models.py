@@ -14,7 +14,9 @@ from egp_deploy.data import calibration_batch, load_data
 from egp_deploy.surgery import SurgeryOptions, optimize
 from test_surgery_helpers import export_module, outputs, randomize_bn, rel_error
 
-REFERENCE = Path(__file__).resolve().parents[1] / "models" / "resnet18_digits_egp.pt"
+MODELS = Path(__file__).resolve().parents[1] / "models"
+# The shipped EGP references (width 16, and the width-32 one whose dense checkpoint is not shipped).
+REFERENCES = ("resnet18_digits_egp.pt", "resnet18_w32_digits_egp.pt")
 
 
 def pruned_resnet18(width: int = 16, seed: int = 0) -> torch.nn.Module:
@@ -45,17 +47,18 @@ def digits():
     return calibration_batch(bundle, 270, "val").numpy(), calibration_batch(bundle, 270, "test").numpy()
 
 
-def _reference_or_standin() -> tuple[torch.nn.Module, str]:
-    if REFERENCE.is_file():
+def _reference_or_standin(name: str) -> tuple[torch.nn.Module, str]:
+    if (MODELS / name).is_file():
         from egp_deploy.checkpoint import load_checkpoint
 
-        return load_checkpoint(REFERENCE).build_model(), "reference"
+        return load_checkpoint(MODELS / name).build_model(), "reference"
     return pruned_resnet18(), "stand-in"
 
 
-def test_pruned_resnet18_gets_shallower_and_stays_exact(digits):
+@pytest.mark.parametrize("reference", REFERENCES)
+def test_pruned_resnet18_gets_shallower_and_stays_exact(digits, reference):
     cal, held = digits
-    net, _ = _reference_or_standin()
+    net, _ = _reference_or_standin(reference)
     model = export_module(net, (1, 1, 32, 32), dynamic=True)
     res = optimize(model, cal, held)
     v = res.report["verification"]
