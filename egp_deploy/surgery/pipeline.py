@@ -16,6 +16,7 @@ from egp_deploy.surgery.activation_stats import ActivationStats, check_inputs, m
 from egp_deploy.surgery.canonicalize import canonicalize, fold_constants
 from egp_deploy.surgery.cleanup import refresh_shapes, to_model
 from egp_deploy.surgery.dead_channels import constant_layers_to_constants, eliminate_dead_channels
+from egp_deploy.surgery.dead_taps import crop_dead_taps
 from egp_deploy.surgery.merge_linear import merge_linear
 from egp_deploy.surgery.report import module_namer
 from egp_deploy.surgery.strip_activations import strip_activations, unpin_survivors
@@ -85,7 +86,7 @@ def _rewrite(named: onnx.ModelProto, stats: dict[str, ActivationStats] | None, o
         inferred = named
     graph = gs.import_onnx(inferred)
     changes: dict[str, list] = {"canonicalized": [], "stripped": [], "constant_layers": [], "dead_channels": [],
-                                "merged": []}
+                                "dead_taps": [], "merged": []}
 
     def record_canon(done: dict[str, list]) -> bool:
         items = [{"pass": k, **(v if isinstance(v, dict) else {"node": v})} for k, vals in done.items() for v in vals]
@@ -112,6 +113,9 @@ def _rewrite(named: onnx.ModelProto, stats: dict[str, ActivationStats] | None, o
             dead = eliminate_dead_channels(graph, module_of, options.channel_multiple)
             changes["dead_channels"].extend(dead)
             changed |= bool(dead)
+            cropped = crop_dead_taps(graph, module_of)
+            changes["dead_taps"].extend(cropped)
+            changed |= bool(cropped)
         if options.merge:
             if changed:
                 graph = refresh_shapes(graph, named)
@@ -248,6 +252,7 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
             "activations_measured": len(stats),
             "constant_layers_folded": len(changes["constant_layers"]),
             "channels_removed": sum(r["channels_before"] - r["channels_after"] for r in changes["dead_channels"]),
+            "kernels_cropped": len(changes["dead_taps"]),
             "merges": len(changes["merged"]),
             "layers_removed": len(layers_removed),
         },

@@ -107,6 +107,7 @@ def print_report(report: dict[str, Any], console=None) -> None:
     for key, title in (("stripped", "activations stripped (data-dependent)"),
                        ("constant_layers", "constant layers folded"),
                        ("dead_channels", "channel groups narrowed"),
+                       ("dead_taps", "kernels cropped to their nonzero taps"),
                        ("merged", "linear layers merged")):
         items = lists.get(key, [])
         if not items:
@@ -136,6 +137,9 @@ def _describe(key: str, it: dict[str, Any]) -> str:
     if key == "dead_channels":
         return (f"{', '.join(it['modules'])}: {it['channels_before']} -> {it['channels_after']} channels "
                 f"({it['constant']} constant, {it['unused']} unused)")
+    if key == "dead_taps":
+        k0, k1 = ("x".join(map(str, it[k])) for k in ("kernel_before", "kernel_after"))
+        return f"{it.get('module') or it['node']}: kernel {k0} -> {k1}, pads {it['pads_before']} -> {it['pads_after']}"
     if key == "merged":
         return f"{' + '.join(it['modules'])}: {it['kind']}"
     return json.dumps(it)
