@@ -188,3 +188,25 @@ def test_capped_allocation_invariants(specs, rate, caps):
         assert a == uncapped  # caps at or above what is left are no caps
     # caps never make the iteration prune more than the uncapped budget (up to rounding)
     assert sum(a.prune.values()) <= sum(uncapped.prune.values()) + 0.5 * len(layers)
+
+
+def test_temperature_one_is_the_paper_and_lower_concentrates_the_budget():
+    layers = [LayerState("a", entropy=1.0, mean_abs=0.30, remaining=1000),  # I = 0.30
+              LayerState("b", entropy=1.0, mean_abs=0.25, remaining=1000),  # I = 0.25
+              LayerState("c", entropy=1.0, mean_abs=0.20, remaining=1000)]  # I = 0.20
+    assert allocate(layers, 0.3, temperature=1.0) == allocate(layers, 0.3)
+    # S = 0.75; S / I = 2.5, 3, 3.75.  T = 0.5 doubles the logits: 5, 6, 7.5
+    #   softmax: e^-2.5, e^-1.5, 1 over their sum = 0.0610, 0.1657, 0.7733 (budget 900: c gets 696 < 1000)
+    hot = allocate(layers, 0.3, temperature=0.5)
+    z = math.exp(-2.5) + math.exp(-1.5) + 1.0
+    assert hot.shares == pytest.approx({"a": math.exp(-2.5) / z, "b": math.exp(-1.5) / z, "c": 1.0 / z}, abs=1e-9)
+    assert hot.prune == {"a": round(900 * math.exp(-2.5) / z), "b": round(900 * math.exp(-1.5) / z), "c": round(900 / z)}
+    paper = allocate(layers, 0.3)
+    assert hot.prune["c"] > paper.prune["c"] and hot.prune["a"] < paper.prune["a"]
+    # cold enough, the least relevant layer empties and its surplus goes to the next one
+    cold = allocate(layers, 0.5, temperature=0.05)
+    assert cold.full == ["c"] and cold.prune["c"] == 1000 and cold.prune["b"] == 500 and cold.prune["a"] == 0
+    with pytest.raises(ValueError):
+        allocate(layers, 0.5, temperature=0.0)
+    with pytest.raises(UsageError):
+        PruneConfig(temperature=-1.0).validate()

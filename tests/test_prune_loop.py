@@ -242,7 +242,8 @@ def test_entropy_batch_mode_and_calibration_batches_are_recorded(start, bundle, 
 def test_bad_config_is_a_usage_error(start, bundle, tmp_path):
     from egp_deploy.errors import UsageError
 
-    for bad in (dict(method="magnitude"), dict(iterations=-1), dict(patience=0), dict(tolerance=-1.0)):
+    for bad in (dict(method="magnitude"), dict(iterations=-1), dict(patience=0), dict(tolerance=-1.0),
+                dict(temperature=0.0), dict(temperature=float("nan"))):
         with pytest.raises(UsageError):
             run_pruning(start, bundle, cfg(**bad), tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
@@ -256,6 +257,8 @@ def test_resume_refuses_another_method_or_rate_and_a_broken_log(full_run, start,
         run_pruning(start, bundle, cfg(method="imp", iterations=3), full_run.out_dir, resume=True, progress=False)
     with pytest.raises(UsageError, match="rate 0.5"):
         run_pruning(start, bundle, cfg(rate=0.3, iterations=3), full_run.out_dir, resume=True, progress=False)
+    with pytest.raises(UsageError, match="temperature 1.0"):
+        run_pruning(start, bundle, cfg(temperature=0.5, iterations=3), full_run.out_dir, resume=True, progress=False)
     assert (full_run.out_dir / "log.json").read_bytes() == before  # refused before writing anything
     broken = tmp_path / "broken"
     broken.mkdir()

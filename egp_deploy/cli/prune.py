@@ -46,6 +46,7 @@ def prune(
     iterations: int = typer.Option(9, "--iterations", "-n", help="Pruning iterations (nominal sparsity 1 - (1-rate)^n)."),
     rate: float = typer.Option(0.5, "--rate", help="Fraction of the remaining prunable weights removed per iteration."),
     min_keep_cut: float = typer.Option(0.01, "--min-keep-cut", metavar="FRACTION", help="EGP only. A prunable layer that lies on EVERY input-output path (a \"cut layer\": VGG's convs and hidden Linears, MobileNetV2 blocks without residual, ResNet's stem) keeps at least this fraction of its original weights: emptying it would make the network output a constant. Its surplus budget goes to the other layers. This deviates from the paper for cut layers only; 0 = the paper's allocation exactly. Cut layers are found on the torch.fx graph; a model fx cannot trace gets no guard (said in the output)."),
+    temperature: float = typer.Option(1.0, "--temperature", help="EGP only. Softmax temperature of the budget allocation (logits S / (T * I_l)). 1 = the paper's allocation; below 1 each iteration's budget concentrates on fewer, less relevant layers, so more of them empty completely (not the paper's algorithm: an opt-in variant, recorded in the log)."),
     tolerance: Optional[float] = typer.Option(None, "--tolerance", "-t", help="Stop once test accuracy falls more than this many points below the DENSE model (the dense accuracy a pruned checkpoint records, else the start's); best.pt is the most pruned model within it. Default: no tolerance, run all iterations."),
     patience: int = typer.Option(1, "--patience", help="With --tolerance: stop only after this many consecutive iterations beyond it."),
     epochs: int = typer.Option(8, "--epochs", "-e", help="Fine-tuning epochs after each pruning step."),
@@ -80,7 +81,7 @@ def prune(
                          batch_size=batch_size, schedule=schedule)
         cfg = PruneConfig(method=method, iterations=iterations, rate=rate, tolerance=tolerance, patience=patience, finetune=ft,
                           entropy_mode=entropy_mode, calibration_batches=calibration_batches, seed=seed,
-                          min_keep_cut=min_keep_cut)
+                          min_keep_cut=min_keep_cut, temperature=temperature)
         cfg.validate()
         if schedule not in ("cosine", "step", "constant"):
             raise UsageError(f"--schedule must be cosine, step or constant, got {schedule!r}")

@@ -8,7 +8,8 @@
 A layer's limit is its remaining weights (the paper: it goes to 100 %) unless it has a cap
 (``LayerState.max_prune``, used to keep a minimum in layers nothing bypasses); a capped layer
 stops at its cap and its surplus is redistributed exactly like a 100 % layer's. Without caps
-this is the paper's allocation.
+this is the paper's allocation. ``temperature`` T divides the logits (softmax of S / (T I_l)); T = 1
+is the paper's; T < 1 concentrates each iteration's budget on the least relevant layers (opt-in).
 Pure functions of per-layer numbers, so a distributed run computes them from reduced stats only.
 """
 
@@ -52,10 +53,12 @@ def _softmax(values: dict[str, float]) -> dict[str, float]:
     return {k: e / z for k, e in ex.items()}
 
 
-def allocate(layers: list[LayerState], rate: float = 0.5) -> Allocation:
+def allocate(layers: list[LayerState], rate: float = 0.5, temperature: float = 1.0) -> Allocation:
     """How many weights to prune per layer this iteration (EGP water-filling, optional caps)."""
     if not 0.0 < rate <= 1.0:
         raise ValueError(f"pruning rate must be in (0, 1], got {rate}")
+    if not temperature > 0.0:
+        raise ValueError(f"allocation temperature must be > 0, got {temperature}")
     active = {l.name: l for l in layers if l.entropy > 0 and l.remaining > 0}
     frozen = [l.name for l in layers if l.name not in active]
     irrelevance = {n: l.entropy * l.mean_abs for n, l in active.items()}
@@ -69,7 +72,7 @@ def allocate(layers: list[LayerState], rate: float = 0.5) -> Allocation:
     n_alloc: dict[str, float] = {}
     while pool and remaining_budget > 0:
         s = sum(pool.values())
-        shares = _softmax({n: s / i for n, i in pool.items()})
+        shares = _softmax({n: s / (i * temperature) for n, i in pool.items()})
         n_alloc = {n: remaining_budget * a for n, a in shares.items()}
         saturated = [n for n, k in n_alloc.items() if k >= active[n].limit]
         if not saturated:

@@ -55,6 +55,8 @@ class PruneConfig:
     # EGP only: a layer on every input-output path keeps at least this fraction of its original
     # weights (emptying it makes the output constant); 0 = the paper's allocation
     min_keep_cut: float = 0.01
+    # EGP only: softmax temperature of the allocation (logits S / (T I_l)); 1 = the paper's
+    temperature: float = 1.0
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -74,6 +76,8 @@ class PruneConfig:
             raise UsageError("--tolerance must be >= 0 (accuracy points)")
         if not 0.0 <= self.min_keep_cut < 1.0:
             raise UsageError(f"--min-keep-cut must be in [0, 1), got {self.min_keep_cut}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0.0):
+            raise UsageError(f"--temperature must be a positive number, got {self.temperature}")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -171,7 +175,7 @@ def prune_step(model: nn.Module, cfg: PruneConfig, masks: M.Masks, layers: list[
     net = _unwrap(model)
     params = dict(net.named_parameters())
     if cfg.method == "egp":
-        alloc = allocate(layer_states(net, layers, stats, feeds, min_keep), cfg.rate)
+        alloc = allocate(layer_states(net, layers, stats, feeds, min_keep), cfg.rate, cfg.temperature)
         new = dict(masks)
         for layer, n in alloc.prune.items():
             if n:
@@ -271,7 +275,8 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
             raise InputFileError(f"cannot resume: {log_path} is not a readable prune log ({type(e).__name__}: {e})") from None
         # continuing with another method, rate or guard would silently mix two schedules in one run
         before.setdefault("min_keep_cut", 0.0)  # a log written before the guard existed: no guard
-        for key in ("method", "rate") + (("min_keep_cut",) if cfg.method == "egp" else ()):
+        before.setdefault("temperature", 1.0)  # ... or before the temperature: the paper's
+        for key in ("method", "rate") + (("min_keep_cut", "temperature") if cfg.method == "egp" else ()):
             if before.get(key) != getattr(cfg, key):
                 raise UsageError(f"cannot resume: {out} holds a run with {key} {before.get(key)!r}, "
                                  f"this command asks for {getattr(cfg, key)!r}")
