@@ -250,3 +250,42 @@ def test_node_module_map_resolves_legacy_scope_paths():
         "/features/features.3/conv/conv.1/Relu_1": "features.3.conv.1",
     }
     assert node_module_map(m, {"layer1.0.relu1"}) == {"/layer1/0/relu1/Relu": "layer1.0.relu1"}
+
+
+def _module_source(module: nn.Module, shape: tuple[int, ...]):
+    from pathlib import Path
+
+    from egp_deploy.export import SourceModel
+
+    return SourceModel(kind="checkpoint", path=Path("in-memory.pt"), sha256="0" * 64, module=module.eval(),
+                       input_shape=shape)
+
+
+def test_ill_conditioned_model_is_judged_against_its_own_round_off():
+    from test_surgery_helpers import cancelling_pair
+
+    res = export_model(_module_source(cancelling_pair(eps=1e-2), (16, 12, 12)), rtol=1e-4)
+    # onnxruntime and PyTorch differ by far more than 1e-4 on this output, and so does the graph with itself
+    assert res.fp32_noise_floor is not None and res.fp32_noise_floor > 1e-4
+    assert 1e-4 < res.max_rel_error <= 2 * res.fp32_noise_floor
+    assert read_metadata(res.model)["export"]["fp32_noise_floor"] == pytest.approx(res.fp32_noise_floor)
+    # a well-conditioned model keeps the requested tolerance and never measures a floor
+    fine = export_model(_module_source(cancelling_pair(eps=100.0), (16, 12, 12)), rtol=1e-4)
+    assert fine.fp32_noise_floor is None and fine.max_rel_error <= 1e-4
+
+
+def test_a_wrong_export_of_an_ill_conditioned_model_is_still_refused(monkeypatch):
+    import egp_deploy.export as export
+    from test_surgery_helpers import cancelling_pair
+
+    real = export._export_legacy
+
+    def corrupting(*args, **kwargs):
+        model, opset = real(*args, **kwargs)
+        init = model.graph.initializer[0]
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.05, init.name))
+        return model, opset
+
+    monkeypatch.setattr(export, "_export_legacy", corrupting)
+    with pytest.raises(VerificationError, match="own fp32 round-off"):
+        export.export_model(_module_source(cancelling_pair(eps=1e-2), (16, 12, 12)), rtol=1e-4, exporter="legacy")

@@ -75,3 +75,16 @@ def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
     return module
+
+
+def cancelling_pair(eps: float, c: int = 16) -> nn.Module:
+    """3x3 conv whose channel pairs nearly agree (weights ~100), then a 1x1 conv taking their differences:
+    the output is ~1e4 x smaller than the intermediate map, so fp32 round-off dominates it."""
+    torch.manual_seed(0)
+    a, b = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.Conv2d(c, c, 1, bias=False)
+    with torch.no_grad():
+        base = torch.randn(c // 2, c, 3, 3) * 100
+        a.weight.copy_(torch.cat([base, base + eps * torch.randn_like(base)]))
+        eye = torch.eye(c // 2)
+        b.weight.copy_(torch.cat([eye, -eye], 1)[:, :, None, None].repeat(2, 1, 1, 1))
+    return nn.Sequential(a, b)

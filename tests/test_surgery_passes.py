@@ -20,7 +20,7 @@ from egp_deploy.surgery.merge_linear import merge_linear
 from egp_deploy.surgery.pipeline import name_nodes
 from egp_deploy.surgery.strip_activations import strip_activations
 from egp_deploy.surgery.verify import compare, fp32_noise_floor, run_model
-from test_surgery_helpers import apply, export_module, ops, outputs, randn, randomize_bn, rel_error
+from test_surgery_helpers import apply, cancelling_pair, export_module, ops, outputs, randn, randomize_bn, rel_error
 
 TOL = 1e-5
 
@@ -371,21 +371,8 @@ def test_optimize_refuses_a_wrong_rewrite(monkeypatch):
         pipeline.optimize(model, randn(4, 2, 3, 3), None, SurgeryOptions(max_rounds=1))
 
 
-def _cancelling_pair(eps: float, c: int = 16) -> nn.Module:
-    """3x3 conv whose channel pairs nearly agree (weights ~100), then a 1x1 conv taking their differences:
-    the output is ~1e4 x smaller than the intermediate map, so fp32 round-off dominates it."""
-    torch.manual_seed(0)
-    a, b = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.Conv2d(c, c, 1, bias=False)
-    with torch.no_grad():
-        base = torch.randn(c // 2, c, 3, 3) * 100
-        a.weight.copy_(torch.cat([base, base + eps * torch.randn_like(base)]))
-        eye = torch.eye(c // 2)
-        b.weight.copy_(torch.cat([eye, -eye], 1)[:, :, None, None].repeat(2, 1, 1, 1))
-    return nn.Sequential(a, b)
-
-
 def test_exact_merge_of_an_ill_conditioned_graph_is_judged_against_its_own_round_off():
-    model = export_module(_cancelling_pair(eps=1e-2), (1, 16, 12, 12), dynamic=True)
+    model = export_module(cancelling_pair(eps=1e-2), (1, 16, 12, 12), dynamic=True)
     x = randn(16, 16, 12, 12)
     floor = fp32_noise_floor(model, x, run_model(model, x))
     assert floor > 1e-5  # the unchanged graph, run by two kernels, already disagrees beyond the tolerance
@@ -397,7 +384,7 @@ def test_exact_merge_of_an_ill_conditioned_graph_is_judged_against_its_own_round
 
 
 def test_well_conditioned_graph_keeps_the_requested_tolerance():
-    model = export_module(_cancelling_pair(eps=100.0), (1, 16, 12, 12), dynamic=True)
+    model = export_module(cancelling_pair(eps=100.0), (1, 16, 12, 12), dynamic=True)
     x = randn(16, 16, 12, 12)
     assert fp32_noise_floor(model, x, run_model(model, x)) < 1e-6
     v = optimize(model, x, None).report["verification"]
@@ -413,7 +400,7 @@ def test_a_wrong_rewrite_of_an_ill_conditioned_graph_is_still_refused(monkeypatc
         return [{"kind": "x", "first": node.name, "second": node.name, "exact": True}]
 
     monkeypatch.setattr(pipeline, "merge_linear", corrupting_merge)
-    model = export_module(_cancelling_pair(eps=1e-2), (1, 16, 12, 12), dynamic=True)
+    model = export_module(cancelling_pair(eps=1e-2), (1, 16, 12, 12), dynamic=True)
     with pytest.raises(VerificationError, match="calibration"):
         pipeline.optimize(model, randn(16, 16, 12, 12), None, SurgeryOptions(max_rounds=1))
 

@@ -297,6 +297,10 @@ def export(
     before = graph_metrics(res.model)
     console.print(f"exported {source.kind} {model.name} with the {res.exporter} exporter (opset {res.opset}), "
                   f"relative error vs PyTorch {res.max_rel_error:.2e} on batch {res.checked_batches}", soft_wrap=True)
+    if res.fp32_noise_floor is not None:
+        console.print(f"[yellow]note:[/] the error exceeds --tolerance {tolerance:g}, but the graph disagrees with "
+                      f"itself by {res.fp32_noise_floor:.2e} between two onnxruntime kernel choices (an "
+                      f"ill-conditioned model); accepted up to twice that", soft_wrap=True)
 
     out: dict[str, Any] = {
         "tool": "egp-export",
@@ -305,7 +309,7 @@ def export(
         "export": {"path": str(paths["exported"]), "exporter": res.exporter, "opset": res.opset,
                    "dynamic_batch": res.dynamic_batch, "batch": res.input_shape[0],
                    "max_rel_error_vs_torch": res.max_rel_error, "checked_batches": res.checked_batches,
-                   "tolerance": tolerance},
+                   "tolerance": tolerance, "fp32_noise_floor": res.fp32_noise_floor},
         "metrics_exported": before,
         "metadata": {k: v for k, v in read_metadata(res.model).items() if k != "node_modules"},
         "environment": _environment(threads),
