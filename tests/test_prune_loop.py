@@ -198,9 +198,14 @@ def test_tolerance_stops_and_keeps_most_pruned_within(monkeypatch, start, bundle
     best = torch.load(tmp_path / "best.pt", weights_only=True)["metadata"]
     assert best["iteration"] == 2 and best["test_acc"] == 88.0
     assert not (tmp_path / "iter_04.pt").exists()
-    # resuming a stopped run does not go on
+    # resuming a stopped run with the same tolerance does not go on
     res2 = run_pruning(start, bundle, c, tmp_path, resume=True, progress=False)
-    assert len(res2.log["iterations"]) == 4
+    assert len(res2.log["iterations"]) == 4 and res2.log["stopped"]
+    # ... a wider tolerance does: iteration 4 (99.0, the next scripted accuracy) runs and becomes best
+    wider = cfg(iterations=4, tolerance=6.0, finetune=TrainConfig(epochs=0))
+    res3 = run_pruning(start, bundle, wider, tmp_path, resume=True, progress=False)
+    assert [r["iteration"] for r in res3.log["iterations"]] == [0, 1, 2, 3, 4]
+    assert "stopped" not in res3.log and res3.best_iteration == 4
 
 
 def test_tolerance_with_patience_tolerates_one_bad_iteration(monkeypatch, start, bundle, tmp_path):

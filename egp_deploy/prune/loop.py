@@ -246,6 +246,12 @@ def _within(rec: dict, dense_acc: float, tol: float | None) -> bool:
     return tol is None or dense_acc - rec["test_acc"] <= tol + 1e-9
 
 
+def _should_stop(records: list[dict], dense_acc: float, cfg: PruneConfig) -> bool:
+    """The last ``patience`` iterations all fell beyond the tolerance."""
+    recent = records[-cfg.patience:]
+    return len(recent) == cfg.patience and not any(_within(r, dense_acc, cfg.tolerance) for r in recent)
+
+
 def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir: str | Path,
                 ctx: DistContext = DistContext(), resume: bool = False, progress: bool = True) -> RunResult:
     """Prune ``start`` (a dense or partly pruned checkpoint) for ``cfg.iterations`` iterations."""
@@ -303,6 +309,8 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
         log["iterations"].append(rec)
         _save(out, 0, model, start, rec, cfg, bundle, layers, log, ctx)
     dense_acc = _dense_acc(log, start)
+    if resume and log.get("stopped") and not _should_stop(log["iterations"], dense_acc, cfg):
+        del log["stopped"]  # resumed with a wider tolerance or more patience: the run goes on
     masks = M.masks_from_zeros(model, masked_layers)
 
     from tqdm.auto import tqdm
@@ -322,8 +330,7 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
         rec = _record(it, model, cfg, bundle, ctx, stats, layers, all_layers,
                       {"allocation": info, "finetune": hist, "seconds": time.perf_counter() - t0})
         log["iterations"].append(rec)
-        recent = log["iterations"][-cfg.patience:]
-        if len(recent) == cfg.patience and not any(_within(r, dense_acc, cfg.tolerance) for r in recent):
+        if _should_stop(log["iterations"], dense_acc, cfg):
             log["stopped"] = (f"iteration {it}: test accuracy {rec['test_acc']:.2f} more than {cfg.tolerance} points "
                               f"below {dense_acc:.2f} for {cfg.patience} iteration(s)")
         _save(out, it, model, start, rec, cfg, bundle, layers, log, ctx)
