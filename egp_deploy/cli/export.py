@@ -298,7 +298,7 @@ def export(
     console.print(f"exported {source.kind} {model.name} with the {res.exporter} exporter (opset {res.opset}), "
                   f"relative error vs PyTorch {res.max_rel_error:.2e} on batch {res.checked_batches}", soft_wrap=True)
     if res.fp32_noise_floor is not None:
-        console.print(f"[yellow]note:[/] the error exceeds --tolerance {tolerance:g}, but the graph disagrees with "
+        console.print(f"[yellow]note:[/] the error exceeds --export-tolerance {tolerance:g}, but the graph disagrees with "
                       f"itself by {res.fp32_noise_floor:.2e} between two onnxruntime kernel choices (an "
                       f"ill-conditioned model); accepted up to twice that", soft_wrap=True)
 
