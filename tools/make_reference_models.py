@@ -27,18 +27,20 @@ ROOT = Path(__file__).resolve().parents[1]
 ITERATIONS = 12
 
 
-def prune_args(width: int) -> list[str]:
+def prune_args(width: int, iterations: int = ITERATIONS) -> list[str]:
+    """The reference recipe as egp-prune arguments (also used by tools/wide_reference.py)."""
     return ["resnet18", "--arch-kwargs", f"width={width}", "--dense-epochs", "30", "--epochs", "14", "--lr", "0.05",
-            "--iterations", str(ITERATIONS), "--tolerance", "1.0", "--patience", "2", "--seed", "0", "-q"]
+            "--iterations", str(iterations), "--tolerance", "1.0", "--patience", "2", "--seed", "0", "-q"]
 
 
-def finished(run: Path) -> bool:
-    """True when RUN holds a completed run (a log that stopped, or ran all iterations, and its best.pt)."""
+def finished(run: Path, iterations: int = ITERATIONS) -> bool:
+    """True when RUN holds a completed run: a log that stopped early or ran all ``iterations``, with
+    its dense.pt and best.pt."""
     try:
         log = json.loads((run / "log.json").read_text())
     except (OSError, ValueError):
         return False
-    done = log.get("stopped") or len(log.get("iterations", [])) > ITERATIONS
+    done = log.get("stopped") or len(log.get("iterations", [])) > iterations
     return bool(done) and (run / "best.pt").is_file() and (run / "dense.pt").is_file()
 
 

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from egp_deploy.io_utils import write_bytes_atomic, write_json_atomic
+from make_reference_models import finished, prune_args  # the reference recipe, defined once (tools/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,14 +42,6 @@ def _cli(*args: str) -> None:
     rc = subprocess.run([sys.executable, "-m", "egp_deploy.cli", *args]).returncode
     if rc != 0:
         raise StageFailed(f"egp-{args[0]} failed with exit code {rc}; nothing written to docs/results")
-
-
-def _prune_done(run: Path, iterations: int) -> bool:
-    log = run / "log.json"
-    if not (log.is_file() and (run / "best.pt").is_file() and (run / "dense.pt").is_file()):
-        return False
-    data = json.loads(log.read_text())
-    return data.get("stopped") is not None or len(data.get("iterations", [])) == iterations + 1
 
 
 def _row(metrics: dict) -> dict:
@@ -76,11 +69,9 @@ def _run(args: argparse.Namespace) -> int:
     run = args.run_dir or ROOT / "runs" / f"wide_reference_w{args.width}"
     t0 = time.time()
 
-    reused = args.reuse and _prune_done(run, args.iterations)
+    reused = args.reuse and finished(run, args.iterations)
     if not reused:
-        _cli("prune", "resnet18", "--arch-kwargs", f"width={args.width}", "--dense-epochs", "30", "--epochs", "14",
-             "--lr", "0.05", "--iterations", str(args.iterations), "--tolerance", "1.0", "--patience", "2",
-             "--seed", "0", "-q", "-o", str(run))
+        _cli("prune", *prune_args(args.width, args.iterations), "-o", str(run))
     _cli("export", str(run / "dense.pt"), "-o", str(run / "dense.onnx"))
     _cli("export", str(run / "best.pt"), "-o", str(run / "egp.onnx"))
     _cli("bench", str(run / "dense.exported.onnx"), str(run / "egp.exported.onnx"), str(run / "egp.onnx"),

@@ -23,7 +23,6 @@ def const_value(t: gs.Tensor | None) -> np.ndarray | None:
     return None
 
 
-
 def constant_operand(node: gs.Node, ops: tuple[str, ...] = ("Add",)) -> tuple[gs.Tensor, np.ndarray, int] | None:
     """(live input, constant, the constant's input index) of a two-input ``ops`` node with exactly one
     constant operand; None otherwise."""

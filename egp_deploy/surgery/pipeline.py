@@ -196,7 +196,7 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
         note = ("no held-out data: the data-dependent strips are verified on the calibration data only; "
                 "pass held-out inputs to check that they generalise")
     inexact = _inexact(changes)
-    tol = options.inexact_tolerance if inexact else options.tolerance
+    tol = requested_tol = options.inexact_tolerance if inexact else options.tolerance
     noise = None
     held_checked = held is not None and not changes["stripped"]
     if not inexact and (not passes(cal, tol) or (held_checked and not passes(held, tol))):
@@ -220,7 +220,7 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
             f"> {tol:g}{' (' + held['problem'] + ')' if held['problem'] else ''}; nothing written")
     verification = {
         "tolerance": tol,
-        "requested_tolerance": options.inexact_tolerance if inexact else options.tolerance,
+        "requested_tolerance": requested_tol,
         "fp32_noise_floor": noise,
         "calibration": cal,
         "held_out": held,
