@@ -1,15 +1,9 @@
-"""Merging adjacent linear layers (nothing non-linear between them) into one.
+"""Merging linear layers with nothing non-linear between them.
 
-Exact merges:
-  Gemm -> Gemm                      W = W1 W2, b = b1 W2 + b2
-  Conv (any k, grouped too) -> 1x1  one conv with the first conv's geometry
-  1x1 -> Conv (any k)               one conv with the second conv's geometry; the first bias meets
-                                    the second conv's zero padding, so near the border it becomes a
-                                    position-dependent constant added after the merged conv
-  Add(Conv(x), x)                   the residual identity folded in as +1 at the kernel centre
-Inexact (only with allow_inexact): k x k -> k x k with padding on both, kernel k1 + s1 (k2 - 1);
-the border ring differs because the intermediate map was zero-padded; verification reports it.
-A cost model refuses any merge whose MACs exceed ``max_mac_growth`` x the pair's MACs.
+Conv and Gemm layers go by whole chains (chain_merge: the segmentation a dynamic program finds
+cheapest under a MAC or measured-latency cost, residual identities folded in, exact unless
+allow_inexact). MatMul pairs x @ W1 [+ b1] @ W2 -> x @ (W1 W2) [+ b1 W2] are merged here when the
+product costs at most ``max_mac_growth`` x the pair.
 """
 
 from __future__ import annotations
@@ -19,108 +13,8 @@ from typing import Any, Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from egp_deploy.surgery._graph import (
-    constant_input_response, conv_attrs, conv_weights, dense_conv_weight, fresh_name, gemm_weights,
-    has_padding, new_const, only_consumer, set_conv_attrs, set_conv_weights, set_gemm_weights,
-    spatial_static, static_shape,
-)
-
-
-def _macs(w_shape, out_shape) -> int:
-    return int(np.prod(w_shape)) * int(np.prod(out_shape[2:]))
-
-
-def _is_pointwise(a: dict[str, Any]) -> bool:
-    return all(k == 1 for k in a["kernel"]) and all(s == 1 for s in a["strides"]) and not has_padding(a)
-
-
-def _fuse(graph: gs.Graph, first: gs.Node, second: gs.Node) -> None:
-    """second now reads first's input; first is disconnected."""
-    second.inputs[0] = first.inputs[0]
-    first.outputs.clear()
-    first.inputs.clear()
-
-
-def _merge_conv_pair(graph, a_node, b_node, max_growth, allow_inexact) -> dict[str, Any] | None:
-    wa, ba = conv_weights(a_node)
-    wb, bb = conv_weights(b_node)
-    aa, ab = conv_attrs(a_node, wa.shape), conv_attrs(b_node, wb.shape)
-    mid, out = a_node.outputs[0], b_node.outputs[0]
-    if aa is None or ab is None or wa.ndim != wb.ndim or wa.ndim not in (3, 4):
-        return None
-    ms, os_ = static_shape(mid), static_shape(out)
-    if not spatial_static(mid) or not spatial_static(out):
-        return None
-    wa_d = dense_conv_weight(wa, aa["group"]).astype(np.float64)
-    wb_d = dense_conv_weight(wb, ab["group"]).astype(np.float64)
-    ba64 = np.zeros(wa.shape[0]) if ba is None else ba.astype(np.float64)
-    bb64 = np.zeros(wb.shape[0]) if bb is None else bb.astype(np.float64)
-    border = None
-    inexact = False
-    if _is_pointwise(ab):
-        kind = "conv + 1x1"
-        b2 = wb_d.reshape(wb.shape[0], -1)
-        w = np.tensordot(b2, wa_d, axes=([1], [0]))
-        bias = b2 @ ba64 + bb64
-        attrs = dict(aa, group=1)
-    elif _is_pointwise(aa):
-        kind = "1x1 + conv"
-        a2 = wa_d.reshape(wa.shape[0], -1)  # (C1, Cin)
-        w = np.moveaxis(np.tensordot(wb_d, a2, axes=([1], [0])), -1, 1)
-        uniform = wb_d.reshape(wb_d.shape[0], wb_d.shape[1], -1).sum(axis=2) @ ba64
-        bias = uniform + bb64
-        attrs = dict(ab, group=1)
-        if has_padding(ab) and np.any(ba64 != 0):
-            full = constant_input_response(ba64, wb_d, ab, [int(d) for d in ms[2:]])
-            border = full - uniform.reshape((-1,) + (1,) * (full.ndim - 1))
-            if not np.any(border != 0):
-                border = None
-    elif allow_inexact and all(d == 1 for d in aa["dilations"] + ab["dilations"]) \
-            and all(s == 1 for s in ab["strides"]):
-        kind = "k x k + k x k (inexact at the border)"
-        inexact = True
-        sa = aa["strides"]
-        nd = wa.ndim - 2
-        ka, kb = list(wa.shape[2:]), list(wb.shape[2:])
-        kc = [ka[i] + sa[i] * (kb[i] - 1) for i in range(nd)]
-        w = np.zeros((wb.shape[0], wa.shape[1] * aa["group"]) + tuple(kc))
-        for p in np.ndindex(*kb):
-            block = np.tensordot(wb_d[(slice(None), slice(None)) + p], wa_d, axes=([1], [0]))
-            sl = tuple(slice(sa[i] * p[i], sa[i] * p[i] + ka[i]) for i in range(nd))
-            w[(slice(None), slice(None)) + sl] += block
-        bias = wb_d.reshape(wb_d.shape[0], wb_d.shape[1], -1).sum(axis=2) @ ba64 + bb64
-        pads = [aa["pads"][i] + sa[i % nd] * ab["pads"][i] for i in range(2 * nd)]
-        attrs = {"kernel": kc, "strides": sa, "dilations": [1] * nd, "pads": pads, "group": 1}
-    else:
-        return None
-    before = _macs(wa.shape, ms) + _macs(wb.shape, os_)
-    after = _macs(w.shape, os_)
-    if after > max_growth * before:
-        return None
-    set_conv_attrs(b_node, attrs)
-    set_conv_weights(b_node, w.astype(np.float32), bias.astype(np.float32))
-    _fuse(graph, a_node, b_node)
-    if border is not None:
-        from egp_deploy.surgery.dead_channels import _add_after
-
-        _add_after(graph, b_node, border.astype(np.float32)[None])
-    return {"kind": kind, "first": a_node.name, "second": b_node.name, "macs_before": before,
-            "macs_after": after, "exact": not inexact, "border_bias": border is not None}
-
-
-def _merge_gemm_pair(graph, a_node, b_node, max_growth) -> dict[str, Any] | None:
-    wa, ca = gemm_weights(a_node)
-    wb, cb = gemm_weights(b_node)
-    w = wa.astype(np.float64) @ wb.astype(np.float64)
-    c = (np.zeros(wa.shape[1]) if ca is None else ca.astype(np.float64)) @ wb + \
-        (np.zeros(wb.shape[1]) if cb is None else cb.astype(np.float64))
-    before, after = wa.size + wb.size, w.size
-    if after > max_growth * before:
-        return None
-    set_gemm_weights(b_node, w.astype(np.float32), c.astype(np.float32))
-    _fuse(graph, a_node, b_node)
-    return {"kind": "gemm + gemm", "first": a_node.name, "second": b_node.name, "macs_before": before,
-            "macs_after": after, "exact": True, "border_bias": False}
+from egp_deploy.surgery._graph import fresh_name, new_const, only_consumer
+from egp_deploy.surgery.chain_merge import MacCost, merge_chains
 
 
 def _matmul_weight(node: gs.Node) -> np.ndarray | None:
@@ -176,69 +70,21 @@ def _merge_matmul_chain(graph, first: gs.Node, max_growth) -> dict[str, Any] | N
             "macs_after": after, "exact": True, "border_bias": False}
 
 
-def _fold_residual(graph: gs.Graph, add: gs.Node) -> dict[str, Any] | None:
-    """Add(Conv(x), x) with a 'same' stride-1 conv and Cout == Cin: +1 at the kernel centre."""
-    if add.op != "Add" or len(add.inputs) != 2:
-        return None
-    for ci in (0, 1):
-        y, x = add.inputs[ci], add.inputs[1 - ci]
-        conv = y.inputs[0] if isinstance(y, gs.Variable) and y.inputs else None
-        if conv is None or conv.op != "Conv" or conv.inputs[0] is not x or only_consumer(y, graph) is not add:
-            continue
-        wb = conv_weights(conv)
-        if wb is None:
-            continue
-        w, b = wb
-        a = conv_attrs(conv, w.shape)
-        if a is None or a["group"] != 1 or w.shape[0] != w.shape[1] or any(s != 1 for s in a["strides"]):
-            continue
-        nd = w.ndim - 2
-        k = a["kernel"]
-        centre = []
-        ok = True
-        for i in range(nd):
-            if k[i] % 2 == 0 or a["pads"][i] != a["pads"][i + nd] or a["pads"][i] != a["dilations"][i] * (k[i] // 2):
-                ok = False
-            centre.append(k[i] // 2)
-        xs, ys = static_shape(x), static_shape(y)
-        if not ok or xs is None or ys is None or list(xs) != list(ys):
-            continue
-        w = w.copy()
-        idx = np.arange(w.shape[0])
-        w[(idx, idx) + tuple(centre)] += 1.0
-        set_conv_weights(conv, w, b)
-        out = add.outputs[0]
-        add.outputs.clear()
-        add.inputs.clear()
-        conv.outputs[0] = out
-        return {"kind": "residual identity folded (+I)", "first": conv.name, "second": add.name,
-                "macs_before": None, "macs_after": None, "exact": True, "border_bias": False}
-    return None
-
-
 def merge_linear(graph: gs.Graph, max_mac_growth: float = 1.0, allow_inexact: bool = False,
-                 module_of: Callable[[str], str | None] = lambda n: None) -> list[dict[str, Any]]:
-    """Merge until nothing more merges; returns one record per merge."""
-    records = []
+                 module_of: Callable[[str], str | None] = lambda n: None, cost_model=None,
+                 log: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Conv/Gemm chains merged as planned (chain_merge; cost_model: MacCost(max_mac_growth) unless
+    given), then MatMul pairs until none is left; one record per merge, every planned candidate in log."""
+    records = merge_chains(graph, cost_model or MacCost(max_mac_growth), allow_inexact, module_of, log)
+    for rec in records:
+        rec["modules"] = rec.pop("layers")
     changed = True
     while changed:
         changed = False
         for node in list(graph.nodes):
-            if not node.outputs or not node.inputs:
+            if node.op != "MatMul" or not node.outputs or not node.inputs:
                 continue
-            rec = None
-            if node.op == "Add":
-                rec = _fold_residual(graph, node)
-            elif node.op == "MatMul":
-                rec = _merge_matmul_chain(graph, node, max_mac_growth)
-            elif node.op in ("Conv", "Gemm"):
-                nxt = only_consumer(node.outputs[0], graph)
-                if nxt is None or nxt.op != node.op or not nxt.inputs or nxt.inputs[0] is not node.outputs[0]:
-                    continue
-                if node.op == "Conv" and conv_weights(node) and conv_weights(nxt):
-                    rec = _merge_conv_pair(graph, node, nxt, max_mac_growth, allow_inexact)
-                elif node.op == "Gemm" and gemm_weights(node) and gemm_weights(nxt):
-                    rec = _merge_gemm_pair(graph, node, nxt, max_mac_growth)
+            rec = _merge_matmul_chain(graph, node, max_mac_growth)
             if rec:
                 rec["modules"] = [module_of(rec["first"]) or rec["first"], module_of(rec["second"]) or rec["second"]]
                 records.append(rec)
