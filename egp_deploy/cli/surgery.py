@@ -102,6 +102,15 @@ def surgery(
         0.99, help="Held-out top-1 agreement the data-dependent strips must keep, else they are reverted."),
     batch_size: int = typer.Option(32, min=1, help="Inference batch size for measurement and verification."),
     threads: int = typer.Option(0, min=0, help="onnxruntime intra-op threads (0: onnxruntime's default)."),
+    cost: str = typer.Option(
+        "macs", "--cost", help="What the chain merge planner minimises: macs (deterministic) or latency (each "
+                               "candidate merge timed as a small graph on --backend)."),
+    backend: str = typer.Option("ort-cpu", "--backend", help="With --cost latency: ort-cpu, ort-cuda or ort-trt."),
+    latency_table: Optional[Path] = typer.Option(
+        None, "--latency-table", help="With --cost latency: JSON table of timings to reuse and extend "
+                                      "(default: a per-device cache under ~/.cache/egp-deploy/latency)."),
+    latency_margin: float = typer.Option(
+        0.05, "--latency-margin", min=0.0, help="With --cost latency: a merge must be this fraction faster."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a before/after PNG here."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table, no progress bar."),
@@ -111,15 +120,25 @@ def surgery(
     from egp_deploy.surgery import SurgeryOptions, optimize
     from egp_deploy.surgery.report import print_report, save_report_plot
 
-    outs = [output] + [p for p in (report, plot) if p is not None]
+    outs = [output] + [p for p in (report, plot, latency_table) if p is not None]
     for p in outs:
         if p.resolve() == input.resolve():
             raise UsageError(f"output path {p} is the input file; choose another path")
     if len({p.resolve() for p in outs}) != len(outs):
-        raise UsageError("the model, --report and --plot paths must differ")
+        raise UsageError("the model, --report, --plot and --latency-table paths must differ")
+    if cost not in ("macs", "latency"):
+        raise UsageError(f"--cost must be macs or latency, got {cost!r}")
+    if cost == "macs" and (latency_table is not None or backend != "ort-cpu"):
+        raise UsageError("--backend and --latency-table choose how merges are timed: they need --cost latency")
     if output.exists() and output.is_dir():
         raise UsageError(f"output path {output} is a directory")
     model = _load_model(input)
+    latency = dict(cost=cost, latency_backend=backend, latency_margin=latency_margin,
+                   latency_table=None if latency_table is None else os.fspath(latency_table))
+    if cost == "latency":  # a missing backend or a bad table fails now, before any work
+        from egp_deploy.surgery.latency import make_cost_model
+
+        make_cost_model(SurgeryOptions(**latency))
     if calibration is None:
         console.print("[yellow]warning:[/] no --calibration given: using random normal inputs. Activation "
                       "statistics of random inputs say little about real data; only exact rewrites can be trusted.")
@@ -140,7 +159,7 @@ def surgery(
     options = SurgeryOptions(
         tolerance=tolerance, max_mac_growth=max_mac_growth, allow_inexact_merge=allow_inexact_merge,
         channel_multiple=channel_multiple, simplify_layout_chains=simplify_layout_chains, strip_activations=strip, min_held_out_agreement=min_agreement, batch_size=batch_size,
-        threads=threads, progress=not quiet,
+        threads=threads, progress=not quiet, **latency,
     )
     result = optimize(model, cal, held, options)
     result.report["files"] = {"input": os.fspath(input), "output": os.fspath(output),
@@ -152,7 +171,21 @@ def surgery(
         save_report_plot(result.report, plot)
     if not quiet:
         print_report(result.report, stdout)
+        _print_planner(result.report.get("merge_planner") or {})
         stdout.print(f"wrote {output}" + (f", {report}" if report else "") + (f", {plot}" if plot else ""))
+
+
+def _print_planner(planner: dict) -> None:
+    if planner.get("cost") != "latency":
+        return
+    table = planner["table"]
+    stdout.print(f"merge planner: latency on {planner['backend']} ({table['device']}): {planner['measured_graphs']} "
+                 f"graphs measured in {planner['measure_s']:.1f} s, {planner['graphs_from_table']} from the table"
+                 + (f"; table {table['path']} written" if planner.get("table_written") else ""))
+    for c in planner.get("candidates", []):
+        if "ms_merged" in c:
+            stdout.print(f"  {' + '.join(c['layers'])}: {c['ms_merged']:.4f} ms merged vs {c['ms_span']:.4f} ms "
+                         f"({c['macs_merged']:,} vs {c['macs_span']:,} MACs): {c['decision']}, {c['why']}", soft_wrap=True)
 
 
 def main() -> None:

@@ -47,6 +47,13 @@ class SurgeryOptions:
     max_rounds: int = 8
     threads: int = 0  # onnxruntime intra-op threads (0: its default)
     progress: bool = False
+    # chain merge planner (chain_merge / latency): what a merged segment is priced by
+    cost: str = "macs"  # "macs" (deterministic) | "latency" (measured on latency_backend)
+    latency_backend: str = "ort-cpu"  # ort-cpu | ort-cuda | ort-trt
+    latency_table: str | None = None  # JSON table of timings, reused and extended (None: a per-device cache)
+    latency_margin: float = 0.05  # a merge must be this much faster than the layers it replaces
+    latency_threads: int = 1  # intra-op threads while timing (ort-cpu)
+    latency_rounds: int = 30  # interleaved timing rounds per candidate graph
 
 
 @dataclass
@@ -79,14 +86,14 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _rewrite(named: onnx.ModelProto, stats: dict[str, ActivationStats] | None, options: SurgeryOptions,
-             module_of) -> tuple[onnx.ModelProto, dict[str, list]]:
+             module_of, cost_model=None) -> tuple[onnx.ModelProto, dict[str, list]]:
     try:
         inferred = onnx.shape_inference.infer_shapes(named, data_prop=True)
     except Exception:
         inferred = named
     graph = gs.import_onnx(inferred)
     changes: dict[str, list] = {"canonicalized": [], "stripped": [], "constant_layers": [], "dead_channels": [],
-                                "dead_taps": [], "merged": []}
+                                "dead_taps": [], "merged": [], "merge_candidates": []}
 
     def record_canon(done: dict[str, list]) -> bool:
         items = [{"pass": k, **(v if isinstance(v, dict) else {"node": v})} for k, vals in done.items() for v in vals]
@@ -119,7 +126,8 @@ def _rewrite(named: onnx.ModelProto, stats: dict[str, ActivationStats] | None, o
         if options.merge:
             if changed:
                 graph = refresh_shapes(graph, named)
-            merged = merge_linear(graph, options.max_mac_growth, options.allow_inexact_merge, module_of)
+            merged = merge_linear(graph, options.max_mac_growth, options.allow_inexact_merge, module_of,
+                                  cost_model, changes["merge_candidates"])
             changes["merged"].extend(merged)
             changed |= bool(merged)
         if not changed:
@@ -159,15 +167,21 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
     module_of = module_namer(model)
     named = name_nodes(model)
     timings: dict[str, float] = {}
+    from egp_deploy.surgery.latency import make_cost_model
+
+    cost_model = make_cost_model(options) if options.merge else None  # bad cost options fail here, before work
 
     t = time.perf_counter()
     stats, ref_cal = measure_activation_stats(named, calibration, options.batch_size, options.threads, options.progress)
     ref_held = run_model(named, held_out, options.batch_size, options.threads) if held_out is not None else None
     timings["measure_s"] = time.perf_counter() - t
 
+    planner: dict[str, Any] = {}
+
     def attempt(use_stats: bool):
         t1 = time.perf_counter()
-        out, changes = _rewrite(named, stats if use_stats else None, options, module_of)
+        out, changes = _rewrite(named, stats if use_stats else None, options, module_of, cost_model)
+        planner["candidates"] = changes.pop("merge_candidates")
         timings["rewrite_s"] = timings.get("rewrite_s", 0.0) + time.perf_counter() - t1
         t1 = time.perf_counter()
         try:
@@ -241,6 +255,10 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
     # rectifiers removed by exact algebra (relu(relu(x) + c)), named like the data-dependent strips
     relus_split = [module_of(r["node"]) or r["node"] for r in changes["canonicalized"]
                    if r.get("pass") == "relu_offsets_split"]
+    if cost_model is not None:
+        planner.update(cost_model.describe(), table_written=bool(getattr(cost_model, "save", lambda: False)()))
+        if "measure_s" in planner:
+            timings["latency_measure_s"] = planner["measure_s"]
     timings["total_s"] = time.perf_counter() - t0
     report = {
         "before": before,
@@ -266,6 +284,7 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
         "samples": {"calibration": int(calibration.shape[0]),
                     "held_out": None if held_out is None else int(held_out.shape[0])},
         "timing_s": timings,
+        "merge_planner": planner,
     }
     return SurgeryResult(model=out, report=report, stats=stats)
 

@@ -1,0 +1,182 @@
+"""--cost latency: candidates timed as tiny graphs, the latency table reused and carried, and bad
+tables or backends -> one line, a distinct exit, nothing written."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from egp_deploy.cli import surgery as cli
+from egp_deploy.errors import BackendUnavailableError, InputFileError, UsageError
+from egp_deploy.surgery import SurgeryOptions, optimize
+from egp_deploy.surgery.latency import build_graph, layer_spec
+from test_surgery_chain_merge import LinearInvertedResidual
+from test_surgery_helpers import export_module, outputs, randn, rel_error
+
+FAST = dict(cost="latency", latency_rounds=3)
+
+
+@pytest.fixture
+def block_model():
+    torch.manual_seed(0)
+    return export_module(LinearInvertedResidual(c=8), (1, 8, 8, 8), dynamic=True)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the default table never lands in ~
+
+
+def test_latency_cost_times_every_candidate_and_the_table_is_reused(tmp_path, block_model):
+    table = tmp_path / "t.json"
+    x = randn(4, 8, 8, 8)
+    res = optimize(block_model, x, None, SurgeryOptions(**FAST, latency_table=str(table)))
+    planner = res.report["merge_planner"]
+    assert planner["cost"] == "latency" and planner["measured_graphs"] > 0 and planner["table_written"]
+    merged_rows = [c for c in planner["candidates"] if "ms_merged" in c]
+    assert len(merged_rows) == 3  # (expand, dw), (dw, project), the whole block
+    for c in merged_rows:
+        assert c["ms_merged"] >= 0 and c["ms_span"] >= 0 and c["decision"] in ("merged", "kept") and c["why"]
+    assert rel_error(outputs(block_model, x), outputs(res.model, x)) <= 1e-5
+    data = json.loads(table.read_text())
+    assert data["backend"] == "ort-cpu" and len(data["entries"]) == planner["measured_graphs"]
+    again = optimize(block_model, x, None, SurgeryOptions(**FAST, latency_table=str(table)))
+    p2 = again.report["merge_planner"]
+    assert p2["measured_graphs"] == 0 and p2["graphs_from_table"] > 0 and not p2["table_written"]
+    assert [c["decision"] for c in p2["candidates"]] == [c["decision"] for c in planner["candidates"]]
+
+
+def test_table_decides_the_plan(tmp_path, block_model):
+    """Planning follows the table's times: a table saying the whole block is slow keeps it apart."""
+    table = tmp_path / "t.json"
+    x = randn(4, 8, 8, 8)
+    optimize(block_model, x, None, SurgeryOptions(**FAST, latency_table=str(table)))
+    data = json.loads(table.read_text())
+    whole = next(k for k in data["entries"] if '"w":[8,8,3,3]' in k and '"Add"' not in k)
+    data["entries"][whole]["ms"] = 1e3
+    table.write_text(json.dumps(data))
+    res = optimize(block_model, x, None, SurgeryOptions(**FAST, latency_table=str(table)))
+    assert sum(n.op_type == "Conv" for n in res.model.graph.node) > 1
+    row = next(c for c in res.report["merge_planner"]["candidates"] if len(c["layers"]) == 3)
+    assert row["decision"] == "kept" and "costs more" in row["why"]
+
+
+def test_a_complete_table_from_another_device_plans_without_measuring(tmp_path, block_model):
+    table = tmp_path / "edge.json"
+    x = randn(4, 8, 8, 8)
+    optimize(block_model, x, None, SurgeryOptions(**FAST, latency_table=str(table)))
+    data = json.loads(table.read_text())
+    data["device"] = "Jetson Orin (elsewhere)"
+    table.write_text(json.dumps(data))
+    before = table.read_bytes()
+    res = optimize(block_model, x, None, SurgeryOptions(**FAST, latency_table=str(table)))
+    p = res.report["merge_planner"]
+    assert p["measured_graphs"] == 0 and p["table"]["foreign"] and table.read_bytes() == before
+
+
+def test_an_incomplete_table_from_another_device_is_refused(tmp_path, block_model):
+    table = tmp_path / "edge.json"
+    table.write_text(json.dumps({"format": "egp-deploy latency table", "version": 1, "backend": "ort-cpu",
+                                 "device": "Jetson Orin (elsewhere)", "versions": {"onnxruntime": "0"},
+                                 "entries": {}}))
+    with pytest.raises(UsageError, match="can only be measured there"):
+        optimize(block_model, randn(4, 8, 8, 8), None, SurgeryOptions(**FAST, latency_table=str(table)))
+
+
+def test_tiny_graphs_run_at_their_shapes():
+    from egp_deploy.surgery.chain_merge import layer_affine
+    from test_surgery_helpers import graph_of
+
+    model = export_module(torch.nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (1, 4, 9, 9))
+    conv = next(n for n in graph_of(model).nodes if n.op == "Conv")
+    spec = [layer_spec(layer_affine(conv)), {"op": "Add", "skip": -1}]
+    probe = build_graph(spec)
+    onnx.checker.check_model(probe, full_check=True)
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, {"x": randn(1, 4, 9, 9), "skip": randn(1, 6, 5, 5)})
+    assert y.shape == (1, 6, 5, 5)
+
+
+# ---------------------------------------------------------------- bad input on the command line
+def _run(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["egp-surgery", *map(str, args)])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    cap = capsys.readouterr()
+    return int(exc.value.code or 0), (cap.out + cap.err).strip()
+
+
+@pytest.fixture
+def model_file(tmp_path, block_model):
+    path = tmp_path / "in.onnx"
+    onnx.save(block_model, path)
+    return path
+
+
+def _refused(code, text, expected, out, needle):
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert code == expected, text
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], text
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("{not json", "not readable JSON"),
+    (json.dumps({"format": "egp-deploy latency table", "version": 1, "backend": "ort-cpu", "device": "x",
+                 "versions": {}, "entries": {"k": {"ms": -1}}}), "corrupt"),
+    (json.dumps([1, 2]), "corrupt"),
+])
+def test_corrupt_table_is_refused_and_left_alone(tmp_path, monkeypatch, capsys, model_file, content, needle):
+    table, out = tmp_path / "t.json", tmp_path / "out.onnx"
+    table.write_text(content)
+    code, text = _run(monkeypatch, capsys, model_file, out, "-q", "-n", 4, "--cost", "latency",
+                      "--latency-table", table)
+    _refused(code, text, InputFileError.exit_code, out, needle)
+    assert table.read_text() == content
+
+
+def test_table_of_another_backend_is_refused(tmp_path, monkeypatch, capsys, model_file):
+    table, out = tmp_path / "t.json", tmp_path / "out.onnx"
+    table.write_text(json.dumps({"format": "egp-deploy latency table", "version": 1, "backend": "ort-trt",
+                                 "device": "GPU", "versions": {}, "entries": {}}))
+    code, text = _run(monkeypatch, capsys, model_file, out, "-q", "-n", 4, "--cost", "latency",
+                      "--latency-table", table)
+    _refused(code, text, UsageError.exit_code, out, "backend ort-trt")
+
+
+def test_backend_that_is_not_installed_is_refused(tmp_path, monkeypatch, capsys, model_file):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed here")
+    out, table = tmp_path / "out.onnx", tmp_path / "t.json"
+    code, text = _run(monkeypatch, capsys, model_file, out, "-q", "-n", 4, "--cost", "latency",
+                      "--backend", "ort-cuda", "--latency-table", table)
+    _refused(code, text, BackendUnavailableError.exit_code, out, "ort-cuda")
+    assert not table.exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--latency-table", "t.json"), "need --cost latency"),
+    (("--cost", "flops"), "--cost must be"),
+    (("--cost", "latency", "--backend", "trt"), "cannot time"),
+])
+def test_contradictory_cost_options_are_refused(tmp_path, monkeypatch, capsys, model_file, args, needle):
+    out = tmp_path / "out.onnx"
+    code, text = _run(monkeypatch, capsys, model_file, out, "-q", "-n", 4, *args)
+    _refused(code, text, UsageError.exit_code, out, needle)
+
+
+def test_cli_latency_run_prints_each_decision(tmp_path, monkeypatch, capsys, model_file):
+    out, table = tmp_path / "out.onnx", tmp_path / "t.json"
+    code, text = _run(monkeypatch, capsys, model_file, out, "-n", 8, "--cost", "latency", "--latency-table", table)
+    assert code == 0, text
+    assert "merge planner: latency on ort-cpu" in text and "ms merged vs" in text and table.is_file()
+    assert np.isfinite(json.loads(table.read_text())["entries"][next(iter(json.loads(table.read_text())["entries"]))]["ms"])
