@@ -21,6 +21,7 @@ HERE = Path(__file__).parent
 
 SMALL = {
     "resnet18": {"width": 4},
+    "resnet50": {"width": 4},
     "mobilenet_v2": {"width_mult": 0.25},
     "vgg16_bn": {"width": 4},
     "vit_tiny": {"width": 16, "layers": 2},
@@ -29,8 +30,8 @@ SMALL = {
 
 def test_registry_lists_the_four_reference_architectures_and_rejects_others():
     assert set(list_archs()) >= set(SMALL)
-    with pytest.raises(UnsupportedError, match="unknown architecture 'resnet50'"):
-        create_model("resnet50")
+    with pytest.raises(UnsupportedError, match="unknown architecture 'resnet101'"):
+        create_model("resnet101")
     with pytest.raises(UnsupportedError, match="bad arguments"):
         create_model("resnet18", no_such_knob=1)
     with pytest.raises(UnsupportedError, match="bad arguments for architecture 'resnet18'"):
@@ -44,6 +45,25 @@ def test_knobs_classes_channels_and_forward_shape(name):
     with torch.no_grad():
         y = model(torch.randn(2, 1, 32, 32))
     assert y.shape == (2, 7) and torch.isfinite(y).all()
+
+
+def test_resnet50_has_torchvision_keys_shapes_and_parameter_count():
+    """torchvision's resnet50 layout (v1.5), written out: its state_dict loads with strict=True."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    expected = {"conv1.weight", "fc.weight", "fc.bias"} | {f"bn1.{k}" for k in bn}
+    for stage, blocks in enumerate((3, 4, 6, 3), 1):
+        for b in range(blocks):
+            p = f"layer{stage}.{b}."
+            expected |= {p + f"conv{i}.weight" for i in (1, 2, 3)} | {p + f"bn{i}.{k}" for i in (1, 2, 3) for k in bn}
+            if b == 0:
+                expected |= {p + "downsample.0.weight"} | {p + f"downsample.1.{k}" for k in bn}
+    model = create_model("resnet50", num_classes=1000)
+    sd = model.state_dict()
+    assert set(sd) == expected
+    assert sum(p.numel() for p in model.parameters()) == 25_557_032  # torchvision's resnet50
+    assert sd["layer2.0.conv2.weight"].shape == (128, 128, 3, 3) and sd["layer4.2.conv3.weight"].shape == (2048, 512, 1, 1)
+    assert model.layer2[0].conv2.stride == (2, 2) and model.layer2[0].conv1.stride == (1, 1)  # v1.5
+    create_model("resnet50", num_classes=1000).load_state_dict(sd, strict=True)
 
 
 def test_state_dict_keys_are_torchvision_style():

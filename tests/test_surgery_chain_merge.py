@@ -310,3 +310,28 @@ def test_mobilenet_v2_both_exporters_give_the_same_layer_counts():
         _check_mobilenet(model, res, held)
         results.append((_conv_count(model), _conv_count(res.model)))
     assert results[0] == results[1]
+
+
+def test_resnet50_linear_bottlenecks_lose_their_relus_and_no_merge_grows_macs():
+    """Every merge of a bottleneck grows MACs (1x1 -> 3x3 -> 1x1 + x as one dense 3x3 is 4C x 4C), so
+    --cost macs keeps all convs; the stripped ReLUs are exact on the data."""
+    torch.manual_seed(0)
+    m = create_model("resnet50", width=4, stem="cifar", num_classes=10).eval()
+    planted = 0
+    with torch.no_grad():
+        for mod in m.modules():
+            if hasattr(mod, "conv3") and mod.downsample is None:
+                for bn in (mod.bn1, mod.bn2):
+                    bn.weight.fill_(0.01)
+                    bn.bias.fill_(3.0)
+                planted += 1
+    model = _export(m, dynamo=False)
+    res, held = _run_mobilenet(model)
+    assert planted == 12
+    removed = [r for r in res.report["changes"]["stripped"] if r["action"].startswith("removed")]
+    assert len(removed) >= 2 * planted
+    assert _conv_count(res.model) == _conv_count(model) and res.report["summary"]["merges"] == 0
+    kept = [c for c in res.report["merge_planner"]["candidates"] if "macs_merged" in c]
+    assert len(kept) >= 3 * planted  # (conv1, conv2), (conv2, conv3), the block + identity, each block
+    assert all(c["macs_merged"] > c["macs_span"] and c["decision"] == "kept" for c in kept)
+    assert rel_error(outputs(model, held), outputs(res.model, held)) <= TOL

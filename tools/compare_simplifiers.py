@@ -9,7 +9,12 @@ the script runs anywhere. Calibration: digits val split, held-out: digits test s
 Claims checked per row: ours has no more nodes and conv layers than either simplifier; on pruned
 models strictly fewer conv layers. Prints a table, writes JSON (default docs/results/).
 
-    python tools/compare_simplifiers.py [--models resnet18,mobilenet_v2,vgg16_bn,vit_tiny,egp] [--out DIR]
+Rows ``mobilenet_v2-linear`` / ``resnet50-linear``: the zoo model with its stride-1 inverted residuals /
+bottlenecks made linear on the data (BN output ~3, the ReLU/ReLU6 never clips): the chain merge
+planner's case (MobileNetV2 blocks become one conv each; ResNet-50 merges would grow MACs).
+
+    python tools/compare_simplifiers.py [--models resnet18,mobilenet_v2,vgg16_bn,vit_tiny,egp,
+                                         mobilenet_v2-linear,resnet50,resnet50-linear] [--out DIR]
 """
 
 from __future__ import annotations
@@ -40,7 +45,24 @@ ZOO = {
     "mobilenet_v2": {"width": 0.25},
     "vgg16_bn": {"width": 8},
     "vit_tiny": {"width": 32, "layers": 4},
+    "resnet50": {"width": 8, "stem": "cifar"},
 }
+
+
+def plant_linear_blocks(model: nn.Module) -> nn.Module:
+    """Stride-1 identity blocks linear on the data: BN output about 3 +- small before each inner ReLU."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if getattr(mod, "use_res_connect", False):  # MobileNetV2 inverted residual
+                bns = [mod.conv[0][1], mod.conv[1][1]]
+            elif hasattr(mod, "conv3") and mod.downsample is None:  # ResNet-50 bottleneck
+                bns = [mod.bn1, mod.bn2]
+            else:
+                continue
+            for bn in bns:
+                bn.weight.fill_(0.01)
+                bn.bias.fill_(3.0)
+    return model
 KEYS = ("nodes", "conv_gemm_layers", "activations", "longest_path_layers", "macs_dense", "params")
 
 
@@ -81,7 +103,8 @@ def _row(metrics: dict) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="resnet18,mobilenet_v2,vgg16_bn,vit_tiny,egp",
+    ap.add_argument("--models", default="resnet18,mobilenet_v2,vgg16_bn,vit_tiny,egp,mobilenet_v2-linear,resnet50,"
+                                        "resnet50-linear",
                     help="comma list of zoo names and 'egp' (pruned ResNet-18s)")
     ap.add_argument("--samples", type=int, default=256, help="calibration and held-out samples")
     ap.add_argument("--threads", type=int, default=2)
@@ -112,10 +135,15 @@ def main() -> int:
             sources.append(("resnet18 synthetic EGP-pruned", True,
                             _module_source("resnet18", synthetic_egp_resnet(train_x), {"width": 16})))
             continue
-        kw = dict(ZOO[name], num_classes=10, in_channels=1)
+        arch, linear = name.removesuffix("-linear"), name.endswith("-linear")
+        kw = dict(ZOO[arch], num_classes=10, in_channels=1)
         torch.manual_seed(0)
-        model = _calibrate_bn(create_model(name, **kw), train_x)
-        sources.append((f"{name} (dense)", False, _module_source(name, model, kw)))
+        model = _calibrate_bn(create_model(arch, **kw), train_x)
+        if linear:
+            model = plant_linear_blocks(model)
+        # strictly fewer conv layers is claimed where whole blocks merge (MobileNetV2), not for ResNet-50
+        sources.append((f"{name} ({'linear blocks' if linear else 'dense'})", linear and arch == "mobilenet_v2",
+                        _module_source(arch, model, kw)))
 
     rows = []
     for label, pruned, source in sources:

@@ -450,6 +450,17 @@ def merge_chains(graph: gs.Graph, cost_model=None, allow_inexact: bool = False,
     return records
 
 
+def unique_candidates(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The log without the repeats of later planning rounds (same layers, same decision)."""
+    seen, out = set(), []
+    for row in log:
+        key = (tuple(row["layers"]), row.get("kind"), row["decision"])
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
+
+
 def _rewrite_segment(graph: gs.Graph, chain: Chain, cand: Candidate, allow_inexact: bool,
                      names: list[str]) -> dict[str, Any]:
     a, b = cand.a, cand.b

@@ -167,6 +167,7 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
     module_of = module_namer(model)
     named = name_nodes(model)
     timings: dict[str, float] = {}
+    from egp_deploy.surgery.chain_merge import unique_candidates
     from egp_deploy.surgery.latency import make_cost_model
 
     cost_model = make_cost_model(options) if options.merge else None  # bad cost options fail here, before work
@@ -181,7 +182,7 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
     def attempt(use_stats: bool):
         t1 = time.perf_counter()
         out, changes = _rewrite(named, stats if use_stats else None, options, module_of, cost_model)
-        planner["candidates"] = changes.pop("merge_candidates")
+        planner["candidates"] = unique_candidates(changes.pop("merge_candidates"))
         timings["rewrite_s"] = timings.get("rewrite_s", 0.0) + time.perf_counter() - t1
         t1 = time.perf_counter()
         try:
