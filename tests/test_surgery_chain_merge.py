@@ -247,7 +247,7 @@ def mobilenet_v2_with_linear_blocks(blocks=LINEAR_BLOCKS, width: float = 0.25, s
         for i in blocks:
             block = m.features[i]
             assert block.use_res_connect
-            for unit in (block.conv[0], block.conv[1]):  # expand and depthwise Conv2dNormActivation
+            for unit in (u for u in block.conv if isinstance(u, nn.Sequential)):  # conv, BN, ReLU6 units
                 bn = unit[1]
                 bn.weight.fill_(0.01)
                 bn.bias.fill_(3.0)

@@ -39,7 +39,7 @@ def plant_linear(model: torch.nn.Module, arch: str) -> list[str]:
     with torch.no_grad():
         for name, mod in model.named_modules():
             if arch == "mobilenet_v2" and getattr(mod, "use_res_connect", False):
-                units = [mod.conv[0][1], mod.conv[1][1]]
+                units = [u[1] for u in mod.conv if isinstance(u, torch.nn.Sequential)]  # conv, BN, ReLU6
             elif arch == "resnet50" and hasattr(mod, "conv3") and mod.downsample is None:
                 units = [mod.bn1, mod.bn2]
             else:

@@ -54,7 +54,7 @@ def plant_linear_blocks(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for mod in model.modules():
             if getattr(mod, "use_res_connect", False):  # MobileNetV2 inverted residual
-                bns = [mod.conv[0][1], mod.conv[1][1]]
+                bns = [unit[1] for unit in mod.conv if isinstance(unit, nn.Sequential)]  # conv, BN, ReLU6
             elif hasattr(mod, "conv3") and mod.downsample is None:  # ResNet-50 bottleneck
                 bns = [mod.bn1, mod.bn2]
             else:
