@@ -38,12 +38,13 @@ def _segmentations(n: int):
 @st.composite
 def _chains(draw):
     n = draw(st.integers(1, 7))
+    integers = draw(st.booleans())
     costs = {}
     for a in range(n):
         for b in range(a, n):
             allowed = a == b or draw(st.booleans())
             if allowed:
-                costs[(a, b)] = draw(st.one_of(st.integers(0, 20), st.floats(0, 100, allow_nan=False)))
+                costs[(a, b)] = draw(st.integers(0, 20)) if integers else draw(st.floats(0, 100, allow_nan=False))
     return n, costs
 
 
@@ -57,8 +58,9 @@ def test_planner_finds_the_optimum_of_all_segmentations(chain):
     feasible = [s for s in _segmentations(n) if all(x in costs for x in s)]
     best = min(sum(costs[x] for x in s) for s in feasible)
     assert total == pytest.approx(best, rel=1e-12, abs=1e-12)
-    ties = [s for s in feasible if sum(costs[x] for x in s) == pytest.approx(best, rel=1e-12, abs=1e-12)]
-    assert len(segs) == min(len(s) for s in ties)  # fewer layers at the same cost
+    if all(isinstance(c, int) for c in costs.values()):  # exact ties (float round-off can absorb a tiny cost)
+        ties = [s for s in feasible if sum(costs[x] for x in s) == best]
+        assert len(segs) == min(len(s) for s in ties)  # fewer layers at the same cost
 
 
 def test_planner_takes_a_callable_and_needs_every_single_layer():

@@ -393,8 +393,10 @@ def _candidates(chain: Chain, allow_inexact: bool) -> tuple[list[Candidate], lis
             seg = segment_affine(chain, a, b, allow_inexact, values=False)
             span = sum(chain.layers[k].macs for k in range(a, b + 1))
             if seg is None:
-                refused.append({"a": a, "b": b, "why": "not one exact layer" + ("" if allow_inexact else
-                                " (a k x k + k x k merge with padding needs --allow-inexact-merge)")})
+                inexact = not allow_inexact and segment_affine(chain, a, b, True, values=False) is not None
+                refused.append({"a": a, "b": b, "why": "needs --allow-inexact-merge (padded k x k + k x k: wrong "
+                                "at the border)" if inexact else "not one layer (geometry, or a residual that "
+                                "cannot fold)"})
                 continue
             cands.append(Candidate(a, b, seg[0], seg[1], span))
     return cands, refused
