@@ -88,7 +88,8 @@ def surgery(
     samples: int = typer.Option(256, "--samples", "-n", min=1, help="Calibration samples."),
     held_out_samples: int = typer.Option(256, "--held-out-samples", min=1, help="Held-out samples."),
     tolerance: float = typer.Option(1e-5, help="Max relative error max|y'-y|/max|y| of exact rewrites."),
-    max_mac_growth: float = typer.Option(1.0, help="A merge may cost at most this factor x the MACs of the pair."),
+    max_mac_growth: float = typer.Option(
+        1.0, help="With --cost macs: a merged segment may cost at most this factor x the MACs of the layers it replaces."),
     allow_inexact_merge: bool = typer.Option(
         False, help="Also merge k x k + k x k convs (wrong near the border; the error is reported)."),
     channel_multiple: int = typer.Option(

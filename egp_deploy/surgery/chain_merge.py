@@ -39,7 +39,7 @@ from egp_deploy.surgery._graph import (
 )
 from egp_deploy.surgery.chain_plan import plan_segments
 
-MAX_SEGMENT_LAYERS = 8  # longer exact segments do not occur (at most one kxk conv fits in one)
+MAX_SEGMENT_LAYERS = 8  # bounds the candidates per layer; a longer run merges over successive rounds
 
 
 # ---------------------------------------------------------------- affine maps

@@ -33,7 +33,7 @@ except Exception:  # logging only
 @dataclass
 class SurgeryOptions:
     tolerance: float = 1e-5  # max |y'-y| / max |y| for exact rewrites (fp32)
-    max_mac_growth: float = 1.0  # a merge may not cost more than this x the MACs of the pair
+    max_mac_growth: float = 1.0  # cost "macs": a merged segment may cost up to this x the MACs of its layers
     allow_inexact_merge: bool = False  # k x k + k x k merges (wrong at the border ring)
     inexact_tolerance: float = 5e-2  # what verification accepts once an inexact merge was made
     strip_activations: bool = True  # data-dependent: activations always linear on calibration data
