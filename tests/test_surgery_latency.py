@@ -180,3 +180,11 @@ def test_cli_latency_run_prints_each_decision(tmp_path, monkeypatch, capsys, mod
     assert code == 0, text
     assert "merge planner: latency on ort-cpu" in text and "ms merged vs" in text and table.is_file()
     assert np.isfinite(json.loads(table.read_text())["entries"][next(iter(json.loads(table.read_text())["entries"]))]["ms"])
+
+
+def test_egp_export_reaches_the_cost_options_through_surgery_option():
+    from egp_deploy.cli.export import _surgery_options
+
+    opts = _surgery_options(SurgeryOptions, ["cost=latency", "latency_backend=ort-cpu", "latency_table=none",
+                                             "latency_margin=0.1", "latency_rounds=5"])
+    assert (opts.cost, opts.latency_table, opts.latency_margin, opts.latency_rounds) == ("latency", None, 0.1, 5)
