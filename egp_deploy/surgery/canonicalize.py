@@ -185,8 +185,9 @@ def remove_neutral_elementwise(graph: gs.Graph) -> list[str]:
 
 
 def shrink_broadcast_constants(graph: gs.Graph) -> list[str]:
-    """A (1, C, H, W) constant operand that is uniform over H, W becomes (1, C, 1, 1) when the other
-    operand already has the output's shape (a folded constant branch is often just a bias)."""
+    """A constant operand that is uniform along some axes keeps size 1 there when the other operand
+    already has the output's shape: (1, C, H, W) -> (1, C, 1, 1), and the (1, H, W, C) constant of a
+    folded token-MLP branch -> (1, 1, 1, C) (a folded constant branch is often just a bias)."""
     shrunk = []
     for node in graph.nodes:
         if node.op not in ("Add", "Sub", "Mul", "Div") or len(node.inputs) != 2:
@@ -194,13 +195,17 @@ def shrink_broadcast_constants(graph: gs.Graph) -> list[str]:
         for ci in (0, 1):
             c, x = const_value(node.inputs[ci]), node.inputs[1 - ci]
             xs, ys = static_shape(x), static_shape(node.outputs[0])
-            if c is None or c.ndim < 3 or xs is None or ys is None or list(xs) != list(ys) or len(xs) != c.ndim:
+            if c is None or c.ndim < 2 or xs is None or ys is None or list(xs) != list(ys) or len(xs) != c.ndim:
                 continue
-            flat = c.reshape(c.shape[0], c.shape[1], -1)
-            if flat.shape[2] == 1 or not np.all(flat == flat[:, :, :1]):
+            small = c
+            for axis in range(1, c.ndim):
+                if small.shape[axis] > 1:
+                    first = np.take(small, [0], axis=axis)
+                    if np.all(small == first):
+                        small = first
+            if small.shape == c.shape:
                 continue
-            small = np.ascontiguousarray(flat[:, :, :1].reshape(c.shape[:2] + (1,) * (c.ndim - 2)))
-            node.inputs[ci] = gs.Constant(node.inputs[ci].name + "__uniform", small)
+            node.inputs[ci] = gs.Constant(node.inputs[ci].name + "__uniform", np.ascontiguousarray(small))
             shrunk.append(node.name)
     return shrunk
 

@@ -20,6 +20,7 @@ from egp_deploy.surgery.dead_taps import crop_dead_taps
 from egp_deploy.surgery.merge_linear import merge_linear
 from egp_deploy.surgery.report import module_namer
 from egp_deploy.surgery.strip_activations import strip_activations, unpin_survivors
+from egp_deploy.surgery.transformer_mlp import narrow_token_mlps
 from egp_deploy.surgery.verify import NOISE_FACTOR, compare, fp32_noise_floor, passes, run_model
 
 try:
@@ -86,7 +87,7 @@ def _rewrite(named: onnx.ModelProto, stats: dict[str, ActivationStats] | None, o
         inferred = named
     graph = gs.import_onnx(inferred)
     changes: dict[str, list] = {"canonicalized": [], "stripped": [], "constant_layers": [], "dead_channels": [],
-                                "dead_taps": [], "merged": []}
+                                "dead_taps": [], "merged": [], "mlp_units": []}
 
     def record_canon(done: dict[str, list]) -> bool:
         items = [{"pass": k, **(v if isinstance(v, dict) else {"node": v})} for k, vals in done.items() for v in vals]
@@ -113,6 +114,11 @@ def _rewrite(named: onnx.ModelProto, stats: dict[str, ActivationStats] | None, o
             dead = eliminate_dead_channels(graph, module_of, options.channel_multiple)
             changes["dead_channels"].extend(dead)
             changed |= bool(dead)
+            narrowed = narrow_token_mlps(graph, module_of, options.channel_multiple)  # last-axis hidden units
+            changes["mlp_units"].extend(narrowed)
+            changed |= bool(narrowed)
+            if narrowed:
+                graph = refresh_shapes(graph, named)
             cropped = crop_dead_taps(graph, module_of)
             changes["dead_taps"].extend(cropped)
             changed |= bool(cropped)
@@ -252,6 +258,7 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
             "activations_measured": len(stats),
             "constant_layers_folded": len(changes["constant_layers"]),
             "channels_removed": sum(r["channels_before"] - r["channels_after"] for r in changes["dead_channels"]),
+            "mlp_units_removed": sum(r["units_before"] - r["units_after"] for r in changes["mlp_units"]),
             "kernels_cropped": len(changes["dead_taps"]),
             "merges": len(changes["merged"]),
             "layers_removed": len(layers_removed),

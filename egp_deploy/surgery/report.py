@@ -26,14 +26,13 @@ def module_name_from_node(node_name: str) -> str | None:
     if not node_name.startswith("/"):
         return None
     parts = [p for p in node_name.split("/") if p][:-1]
-    current = ""
+    current, prev = "", ""
     for comp in parts:
-        head = comp.split(".")[0]
-        if current and "." in comp and head == current.split(".")[-1]:
-            base = current.rsplit(".", 1)[0] if "." in current else ""
-            current = f"{base}.{comp}" if base else comp
+        if prev and comp.startswith(prev + "."):  # 'features.1' then 'features.1.0' (nested Sequential)
+            current = current[: len(current) - len(prev)] + comp
         else:
             current = f"{current}.{comp}" if current else comp
+        prev = comp
     return current or None
 
 
@@ -108,6 +107,7 @@ def print_report(report: dict[str, Any], console=None) -> None:
                        ("constant_layers", "constant layers folded"),
                        ("dead_channels", "channel groups narrowed"),
                        ("dead_taps", "kernels cropped to their nonzero taps"),
+                       ("mlp_units", "token MLPs narrowed"),
                        ("merged", "linear layers merged")):
         items = lists.get(key, [])
         if not items:
@@ -140,6 +140,9 @@ def _describe(key: str, it: dict[str, Any]) -> str:
     if key == "dead_taps":
         k0, k1 = ("x".join(map(str, it[k])) for k in ("kernel_before", "kernel_after"))
         return f"{it.get('module') or it['node']}: kernel {k0} -> {k1}, pads {it['pads_before']} -> {it['pads_after']}"
+    if key == "mlp_units":
+        return (f"{' + '.join(it['modules'])}: {it['units_before']} -> {it['units_after']} hidden units "
+                f"({it['constant']} constant, {it['unused']} unused)")
     if key == "merged":
         return f"{' + '.join(it['modules'])}: {it['kind']}"
     return json.dumps(it)
