@@ -214,3 +214,30 @@ def test_vit_tiny_collapsed_mlp_folds():
     res = optimize(model, cal, None, EXACT)
     assert res.report["before"]["conv_gemm_layers"] - res.report["after"]["conv_gemm_layers"] == 2
     assert rel_error(outputs(model, cal), outputs(res.model, cal)) <= 1e-5
+
+
+def test_noop_pads_slices_go_and_chained_slices_merge():
+    """Swin's window padding is a zero Pad and its crop a whole-range Slice when the map is a multiple of the
+    window; PatchMerging's x[..., 0::2, 1::2, :] is two Slices on different axes: one Slice each."""
+    from egp_deploy.surgery.canonicalize import merge_slices, remove_identities
+
+    i64 = lambda *v: numpy_helper.from_array(np.array(v, np.int64))  # noqa: E731
+    inits = [numpy_helper.from_array(np.zeros(8, np.int64), "zero_pads")]
+    for name, vals in (("s0", [0]), ("e_big", [2**62]), ("ax1", [1]), ("ax2", [2]), ("st2", [2]), ("s1", [1]),
+                       ("e4", [4])):
+        t = i64(*vals)
+        t.name = name
+        inits.append(t)
+    nodes = [
+        helper.make_node("Pad", ["x", "zero_pads"], ["p"], name="pad"),
+        helper.make_node("Slice", ["p", "s0", "e4", "ax1"], ["c"], name="crop"),  # keeps all 4 rows
+        helper.make_node("Slice", ["c", "s1", "e_big", "ax1", "st2"], ["r"], name="rows"),
+        helper.make_node("Slice", ["r", "s0", "e_big", "ax2", "st2"], ["y"], name="cols"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2, 3, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    out, _ = apply(model, lambda g: (remove_identities(g), merge_slices(g)))
+    assert ops(out) == ["Slice"]
+    x = randn(2, 4, 6, 3)
+    np.testing.assert_array_equal(outputs(out, x), x[:, 1::2, 0::2, :])
