@@ -202,6 +202,7 @@ def test_both_exporters_give_the_same_layer_counts():
         counts[dynamo] = (res.report["before"]["conv_gemm_layers"], res.report["after"]["conv_gemm_layers"],
                           res.report["summary"]["mlp_units_removed"])
     assert counts[False] == counts[True] == (19, 17, 64)
+    assert sorted(res.report["layers_removed"]) == ["features.1.1.mlp.0", "features.1.1.mlp.3"]  # dynamo scopes
 
 
 def test_vit_tiny_collapsed_mlp_folds():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from typing import Any, Callable
 
@@ -46,8 +47,19 @@ def module_namer(model: onnx.ModelProto) -> Callable[[str], str | None]:
             except (ValueError, AttributeError):
                 mapping = {}
 
+    scoped = {}  # the dynamo exporter's per-node scopes: [..., 'features.1.0.mlp.0', 'linear']
+    for n in model.graph.node:
+        for prop in n.metadata_props:
+            if prop.key == "pkg.torch.onnx.name_scopes" and n.name:
+                try:
+                    scopes = ast.literal_eval(prop.value)
+                except (ValueError, SyntaxError):
+                    continue
+                if isinstance(scopes, list) and len(scopes) >= 2 and scopes[-2]:
+                    scoped[n.name] = str(scopes[-2])
+
     def name_of(node: str) -> str | None:
-        return mapping.get(node) or module_name_from_node(node)
+        return mapping.get(node) or scoped.get(node) or module_name_from_node(node)
 
     return name_of
 
