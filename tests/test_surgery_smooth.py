@@ -158,3 +158,29 @@ def test_cli_shows_and_bounds_the_data_dependent_error(tmp_path, monkeypatch, ca
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["summary"]["max_data_dependent_error"] == 1e-4
     assert not report["changes"]["stripped"] and "reverted" in report["verification"]["note"]
+
+
+def test_cli_linearize_smooth_flag(tmp_path, monkeypatch, capsys):
+    import json
+
+    import onnx
+
+    from test_surgery_cli import run_cli
+
+    torch.manual_seed(0)
+    net = TokenMLP(dim=8, hidden=16).eval()
+    with torch.no_grad():
+        net.fc1.weight.mul_(0.05)
+        net.fc1.bias.copy_(torch.where(torch.arange(16) % 2 == 0, 2.9, -2.9))
+    path = tmp_path / "mlp.onnx"
+    onnx.save(export_module(net, (2, 5, 8)), path)
+    np.save(tmp_path / "cal.npy", randn(160, 5, 8))
+    args = [path, tmp_path / "out.onnx", "-c", tmp_path / "cal.npy", "--report", tmp_path / "r.json"]
+    code, text = run_cli(monkeypatch, capsys, *args)
+    assert code == 0, text
+    assert "smooth activations" in text and "(Gelu)" in text
+    assert not json.loads((tmp_path / "r.json").read_text())["changes"].get("linearized")
+    code, text = run_cli(monkeypatch, capsys, *args, "--linearize-smooth")
+    assert code == 0, text
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(report["changes"]["linearized"]) == 1 and "linearized (inexact)" in " ".join(text.split())

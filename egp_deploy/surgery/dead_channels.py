@@ -241,7 +241,8 @@ def constant_channels(graph: gs.Graph) -> dict[str, Info]:
                 continue
             im, iv = get(node.inputs[0], nch)
             if node.op in _UNARY_FN:
-                val = _UNARY_FN[node.op](iv, node)
+                with np.errstate(all="ignore"):
+                    val = _UNARY_FN[node.op](iv, node)
             elif node.op == "Clip":
                 lo = const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
                 hi = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
@@ -271,6 +272,8 @@ def constant_channels(graph: gs.Graph) -> dict[str, Info]:
                     val = bias + np.where(wz, 0.0, w.reshape(nch, -1).sum(axis=1) * iv)
             else:
                 continue
+            with np.errstate(all="ignore"):
+                im = im & np.isfinite(val)  # e.g. Sqrt of a negative constant: not a usable constant
             info[out.name] = (im, np.where(im, val, 0.0))
     return info
 
