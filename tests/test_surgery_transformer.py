@@ -242,3 +242,22 @@ def test_noop_pads_slices_go_and_chained_slices_merge():
     assert ops(out) == ["Slice"]
     x = randn(2, 4, 6, 3)
     np.testing.assert_array_equal(outputs(out, x), x[:, 1::2, 0::2, :])
+
+
+@pytest.mark.slow
+def test_both_exporters_agree_on_vit_tiny():
+    torch.manual_seed(0)
+    net = create_model("vit_tiny", width=16, layers=2, heads=2).eval()
+    with torch.no_grad():
+        net.encoder.layers.encoder_layer_1.mlp[0].weight.zero_()
+        net.encoder.layers.encoder_layer_0.mlp[0].weight[::2] = 0.0
+    cal = randn(8, 3, 32, 32)
+    seen = []
+    for dynamo in (False, True):
+        res = optimize(_export(net, dynamo, (1, 3, 32, 32)), cal, None, EXACT)
+        assert res.report["verification"]["calibration"]["rel_error"] <= 1e-5
+        seen.append((res.report["before"]["conv_gemm_layers"], res.report["after"]["conv_gemm_layers"],
+                     res.report["summary"]["mlp_units_removed"], sorted(res.report["layers_removed"]),
+                     [(a["kind"], a["channels"]) for a in res.report["activations"]]))
+    assert seen[0] == seen[1]
+    assert seen[0][:3] == (10, 8, 16)
