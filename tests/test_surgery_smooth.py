@@ -80,7 +80,9 @@ def test_linearize_smooth_is_opt_in_and_reports_its_error(act):
     err = rel_error(outputs(model, cal), outputs(res.model, cal))
     assert lin["sites"] == 1 and lin["calibration_rel_error"] == pytest.approx(err, rel=1e-3, abs=1e-9)
     assert 0 < err <= SurgeryOptions().inexact_tolerance  # never exact, but small here
-    assert res.report["verification"]["inexact_merges"]  # judged against the inexact tolerance
+    v = res.report["verification"]
+    assert v["inexact_rewrites"] and not v["inexact_merges"]
+    assert v["tolerance"] == SurgeryOptions().inexact_tolerance  # judged against the inexact tolerance
     assert not {"Erf", "Tanh", "Sigmoid", "HardSwish", "Softplus"} & set(ops(res.model))
     assert res.report["after"]["nodes"] <= exact.report["after"]["nodes"]
 
@@ -131,8 +133,10 @@ def test_few_calibration_samples_warn():
     few = optimize(model, cal[:32], held, SurgeryOptions(batch_size=32))
     assert len(few.report["warnings"]) == 1 and "only 32 calibration samples" in few.report["warnings"][0]
     assert optimize(model, cal, held, SurgeryOptions(batch_size=32)).report["warnings"] == []
-    # no strips, nothing data-dependent to warn about
+    # no strips, nothing data-dependent to warn about; smooth activations alone are never stripped
     assert optimize(model, cal[:32], held, SurgeryOptions(strip_activations=False)).report["warnings"] == []
+    gelu_only = export_module(TokenMLP().eval(), (2, 5, 8))
+    assert optimize(gelu_only, randn(8, 5, 8), None, SurgeryOptions()).report["warnings"] == []
 
 
 def test_cli_shows_and_bounds_the_data_dependent_error(tmp_path, monkeypatch, capsys):

@@ -172,11 +172,6 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
         held_out = check_inputs(model, held_out, "held-out data")
     elif options.max_data_dependent_error is not None and options.strip_activations:
         raise UsageError("a bound on the data-dependent error (max_data_dependent_error) needs held-out data")
-    warnings = []
-    if options.strip_activations and calibration.shape[0] < options.min_calibration_samples:
-        warnings.append(f"only {calibration.shape[0]} calibration samples: the data-dependent strips may remove "
-                        f"channels that were OFF by chance; use at least {options.min_calibration_samples} "
-                        "(and check the held-out error below)")
     module_of = module_namer(model)
     named = name_nodes(model)
     timings: dict[str, float] = {}
@@ -185,6 +180,12 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
     stats, ref_cal = measure_activation_stats(named, calibration, options.batch_size, options.threads, options.progress)
     ref_held = run_model(named, held_out, options.batch_size, options.threads) if held_out is not None else None
     timings["measure_s"] = time.perf_counter() - t
+    warnings = []
+    strippable = any(not s.smooth for s in stats.values()) or options.linearize_smooth
+    if options.strip_activations and strippable and calibration.shape[0] < options.min_calibration_samples:
+        warnings.append(f"only {calibration.shape[0]} calibration samples: the data-dependent strips may remove "
+                        f"channels that were OFF by chance; use at least {options.min_calibration_samples} "
+                        "(and check the held-out error below)")
 
     def attempt(use_stats: bool):
         t1 = time.perf_counter()
@@ -249,7 +250,8 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
         "calibration": cal,
         "held_out": held,
         "exact_rewrites_pass": True,
-        "inexact_merges": inexact,
+        "inexact_merges": any(not m.get("exact", True) for m in changes.get("merged", [])),
+        "inexact_rewrites": inexact,  # inexact merges or linearised smooth activations: inexact_tolerance
         "linearized_smooth": {"sites": len(changes.get("linearized", [])), "calibration_rel_error": cal["rel_error"],
                               "held_out_rel_error": None if held is None else held["rel_error"]}
         if changes.get("linearized") else None,
