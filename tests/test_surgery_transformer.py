@@ -261,3 +261,16 @@ def test_both_exporters_agree_on_vit_tiny():
                      [(a["kind"], a["channels"]) for a in res.report["activations"]]))
     assert seen[0] == seen[1]
     assert seen[0][:3] == (10, 8, 16)
+
+
+def test_rank2_gelu_mlp_loses_constant_units_through_channel_groups():
+    """(N, C) MLPs export as Gemm: dead_channels' groups now evaluate Erf-GELU on constant channels."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 4)).eval()
+    with torch.no_grad():
+        net[0].weight[:16] = 0.0
+    model = export_module(net, (2, 8), dynamic=True)
+    x = randn(16, 8)
+    res = optimize(model, x, None, EXACT)
+    assert res.report["summary"]["channels_removed"] == 16
+    assert rel_error(outputs(model, x), outputs(res.model, x)) <= 1e-6
