@@ -165,7 +165,7 @@ def _describe(key: str, it: dict[str, Any]) -> str:
     if key == "stripped":
         return f"{it.get('module') or it['node']} ({it['op']}): {it['action']}"
     if key == "constant_layers":
-        mods = it.get("folded_modules") or []
+        mods = list(dict.fromkeys(it.get("folded_modules") or []))  # a GELU's Erf arithmetic is 5 nodes of one module
         return f"{it.get('module') or it['producer']} -> constant; folded: {', '.join(mods)}"
     if key == "dead_channels":
         return (f"{', '.join(it['modules'])}: {it['channels_before']} -> {it['channels_after']} channels "
