@@ -274,3 +274,16 @@ def test_rank2_gelu_mlp_loses_constant_units_through_channel_groups():
     res = optimize(model, x, None, EXACT)
     assert res.report["summary"]["channels_removed"] == 16
     assert rel_error(outputs(model, x), outputs(res.model, x)) <= 1e-6
+
+
+def test_all_zero_fc2_removes_the_whole_branch():
+    torch.manual_seed(0)
+    net = TokenMLP().eval()
+    with torch.no_grad():
+        net.fc2.weight.zero_()
+        net.fc2.bias.normal_()
+    model = export_module(net, (2, 5, 8))
+    x = randn(8, 5, 8)
+    res = optimize(model, x, None, EXACT)
+    assert _layers(model) - _layers(res.model) == 2 and "Erf" not in ops(res.model)
+    assert rel_error(outputs(model, x), outputs(res.model, x)) <= 1e-5
