@@ -15,6 +15,12 @@ planner's case (MobileNetV2 blocks become one conv each; ResNet-50 merges would 
 
     python tools/compare_simplifiers.py [--models resnet18,mobilenet_v2,vgg16_bn,vit_tiny,egp,
                                          mobilenet_v2-linear,resnet50,resnet50-linear] [--out DIR]
+    python tools/compare_simplifiers.py --models swin_t,swin_egp --samples 64 --latency 10
+
+``swin_egp``: Swin-T whose MLP fc1 is all zero in 4 of its 12 blocks and half of the hidden units of two
+more are dead (what EGP's layer collapse leaves in an MLP). ``--latency S`` also times exported,
+onnxslim and ours interleaved for S seconds (onnxruntime CPU, batch 1, 1 thread) and checks that ours
+is no slower than onnxslim (3 % noise margin).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ ZOO = {
     "vgg16_bn": {"width": 8},
     "vit_tiny": {"width": 32, "layers": 4},
     "resnet50": {"width": 8, "stem": "cifar"},
+    "swin_t": {"window_size": 4},  # full Swin-T widths/depths; 32x32 inputs give 8x8 tokens, 2x2 windows
 }
 
 
@@ -63,6 +70,8 @@ def plant_linear_blocks(model: nn.Module) -> nn.Module:
                 bn.weight.fill_(0.01)
                 bn.bias.fill_(3.0)
     return model
+
+
 KEYS = ("nodes", "conv_gemm_layers", "activations", "longest_path_layers", "macs_dense", "params")
 
 
@@ -92,6 +101,35 @@ def synthetic_egp_resnet(train_x: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
+def synthetic_egp_swin() -> nn.Module:
+    """Swin-T with collapsed MLPs: fc1 all zero in 4 blocks, half the hidden units dead in 2 more."""
+    torch.manual_seed(0)
+    model = create_model("swin_t", num_classes=10, in_channels=1, **ZOO["swin_t"])
+    with torch.no_grad():
+        for stage, block in ((1, 0), (3, 1), (5, 1), (5, 4)):
+            model.features[stage][block].mlp[0].weight.zero_()
+        for stage, block in ((5, 2), (7, 0)):
+            model.features[stage][block].mlp[0].weight[::2] = 0.0
+    return model.eval()
+
+
+def _latency(graphs: dict[str, onnx.ModelProto], seconds: float) -> dict[str, dict]:
+    """Batch-1 onnxruntime CPU latency of each graph, interleaved, as ratios to the first (exported)."""
+    import tempfile
+
+    from egp_deploy.bench import BenchSettings, benchmark_models
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for name, model in graphs.items():
+            paths.append(Path(tmp) / f"{name}.onnx")
+            onnx.save(model, paths[-1])
+        settings = BenchSettings(warmup_ms=300, min_iterations=50, min_duration_s=seconds, batch=1, threads=1)
+        report = benchmark_models(paths, "ort-cpu", settings, keep_samples=False)
+    return {name: {"median_ms": m["latency_ms"]["median"], "cv": m["cv"], "ratio_to_exported": m["ratio_to_first"]}
+            for name, m in zip(graphs, report["models"])}
+
+
 def _module_source(name: str, model: nn.Module, kwargs: dict) -> SourceModel:
     return SourceModel("checkpoint", Path(f"{name}.pt"), "", model.eval(), input_shape=(1, 32, 32), arch=name,
                        arch_kwargs=kwargs, num_classes=10, metadata={"data": "digits"})
@@ -108,6 +146,8 @@ def main() -> int:
                     help="comma list of zoo names and 'egp' (pruned ResNet-18s)")
     ap.add_argument("--samples", type=int, default=256, help="calibration and held-out samples")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--latency", type=float, default=0.0, metavar="S",
+                    help="also time exported/onnxslim/ours interleaved for S seconds per model (0: off)")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="folder for the JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -134,6 +174,10 @@ def main() -> int:
                 sources.append(("resnet18_digits_egp (models/)", True, load_source(ref)))
             sources.append(("resnet18 synthetic EGP-pruned", True,
                             _module_source("resnet18", synthetic_egp_resnet(train_x), {"width": 16})))
+            continue
+        if name == "swin_egp":
+            sources.append(("swin_t synthetic EGP-collapsed MLPs", True,
+                            _module_source("swin_t", synthetic_egp_swin(), ZOO["swin_t"])))
             continue
         arch, linear = name.removesuffix("-linear"), name.endswith("-linear")
         kw = dict(ZOO[arch], num_classes=10, in_channels=1)
@@ -168,6 +212,10 @@ def main() -> int:
             "conv_layers_never_more": ours["conv_gemm_layers"] <= best_layers,
             "strictly_fewer_conv_layers_when_pruned": (ours["conv_gemm_layers"] < best_layers) if pruned else None,
         }
+        if args.latency > 0:
+            entry["latency"] = _latency({"exported": exported, "onnxslim": slim, "ours": result.model}, args.latency)
+            ours_r, slim_r = (entry["latency"][k]["ratio_to_exported"]["median"] for k in ("ours", "onnxslim"))
+            entry["claims"]["latency_no_worse_than_onnxslim"] = ours_r <= slim_r * 1.03
         rows.append(entry)
         print(f"done: {label}", file=sys.stderr)
 
@@ -180,7 +228,9 @@ def main() -> int:
         claims = [v for v in r["claims"].values() if v is not None]
         ok = all(claims)
         all_ok &= ok
-        table.add_row(r["model"], fmt(r["exported"]), fmt(r["onnxsim"]), fmt(r["onnxslim"]), fmt(r["ours"]),
+        lat = r.get("latency")
+        slim_l, ours_l = ("" if not lat else f" ({lat[k]['ratio_to_exported']['median']:.3f}x)" for k in ("onnxslim", "ours"))
+        table.add_row(r["model"], fmt(r["exported"]), fmt(r["onnxsim"]), fmt(r["onnxslim"]) + slim_l, fmt(r["ours"]) + ours_l,
                       "PASS" if ok else "FAIL " + ",".join(k for k, v in r["claims"].items() if v is False))
     Console(width=150).print(table)
 
@@ -192,9 +242,13 @@ def main() -> int:
             "onnxsim": getattr(onnxsim, "__version__", "?"), "onnxslim": getattr(onnxslim, "__version__", "?"),
         },
         "inputs": "1x1x32x32 (digits), calibration = digits val, held-out = digits test",
+        "latency": None if args.latency <= 0 else
+        f"onnxruntime CPU, batch 1, 1 intra-op thread, interleaved, >= {args.latency:g} s per model; ratios to exported",
         "date": time.strftime("%Y-%m-%d"),
     }
-    path = write_json_atomic(args.out / "compare_simplifiers.json", result)
+    stem = "compare_simplifiers" if set(wanted) <= {"resnet18", "mobilenet_v2", "vgg16_bn", "vit_tiny", "egp"} \
+        else "compare_simplifiers_" + "_".join(wanted)  # do not overwrite the default table with a subset
+    path = write_json_atomic(args.out / f"{stem}.json", result)
     print(f"wrote {path}")
     return 0 if all_ok else 1
 

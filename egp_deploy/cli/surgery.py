@@ -101,6 +101,12 @@ def surgery(
     strip: bool = typer.Option(True, help="Strip activations found always linear on calibration data (data-dependent)."),
     min_agreement: float = typer.Option(
         0.99, help="Held-out top-1 agreement the data-dependent strips must keep, else they are reverted."),
+    linearize_smooth: bool = typer.Option(
+        False, help="Replace GELU/SiLU/HardSwish/Mish whose channels each stayed ON or OFF on calibration data by "
+                    "x / 0 (NOT exact: the error is reported and held to the inexact tolerance)."),
+    max_data_dependent_error: Optional[float] = typer.Option(
+        None, min=0.0, help="Bound on the held-out rel. error the data-dependent strips may add; above it they "
+                            "are reverted."),
     batch_size: int = typer.Option(32, min=1, help="Inference batch size for measurement and verification."),
     threads: int = typer.Option(0, min=0, help="onnxruntime intra-op threads (0: onnxruntime's default)."),
     cost: str = typer.Option(
@@ -161,8 +167,12 @@ def surgery(
         tolerance=tolerance, max_mac_growth=max_mac_growth, allow_inexact_merge=allow_inexact_merge,
         channel_multiple=channel_multiple, simplify_layout_chains=simplify_layout_chains, strip_activations=strip, min_held_out_agreement=min_agreement, batch_size=batch_size,
         threads=threads, progress=not quiet, **latency,
+        linearize_smooth=linearize_smooth, max_data_dependent_error=max_data_dependent_error,
     )
     result = optimize(model, cal, held, options)
+    if quiet:  # print_report shows them otherwise
+        for w in result.report.get("warnings") or []:
+            console.print(f"[yellow]warning:[/] {w}")
     result.report["files"] = {"input": os.fspath(input), "output": os.fspath(output),
                               "calibration": calibration, "held_out": held_spec if held is not None else None}
     write_bytes_atomic(output, result.model.SerializeToString())

@@ -7,6 +7,12 @@ the data counts, per channel, how often each linear region is hit:
     LeakyRelu/PRelu   neg: x <= 0 (slope a)  lin: x > 0
 A channel whose samples all fall in one region is a linear map there (identity, constant, or a
 scale); a layer whose channels are all like that has zero entropy and can be stripped.
+
+Smooth activations are measured too, with EGP's ON proxy (pre-activation > 0; "lin" counts ON):
+Gelu (one op, or its Erf form x*0.5*(1+erf(x/sqrt2)): the Erf's input has the sign of x),
+Tanh (alone or inside tanh-GELU: the same sign argument), Sigmoid (SiLU when it multiplies its
+own input), HardSwish, HardSigmoid, Mish, Softplus. No region of theirs is linear: they are never
+stripped (``SurgeryOptions.linearize_smooth`` replaces the GELU-like ones on request, inexactly).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import onnx
 from egp_deploy.errors import DataError, NonFiniteError, UnsupportedError
 
 RECTIFIERS = ("Relu", "Clip", "LeakyRelu", "PRelu")
+SMOOTH = ("Gelu", "Erf", "Tanh", "Sigmoid", "HardSwish", "HardSigmoid", "Mish", "Softplus")
+ON_PROXY = "pre-activation > 0 (EGP's ON proxy for smooth activations; removing them is not exact)"
 
 
 @dataclass
@@ -37,6 +45,15 @@ class ActivationStats:
     low: float = 0.0  # Clip min (or 0)
     high: float = float("inf")  # Clip max
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def smooth(self) -> bool:
+        return self.op in SMOOTH
+
+    @property
+    def kind(self) -> str:
+        """What the site computes: the op, or the pattern it belongs to (Gelu for Erf/Tanh forms, SiLU)."""
+        return str(self.extra.get("kind", self.op))
 
     @property
     def channels(self) -> int:
@@ -74,11 +91,15 @@ class ActivationStats:
 
     def summary(self) -> dict[str, Any]:
         states = self.channel_states()
-        return {
+        out = {
             "node": self.node, "op": self.op, "channels": self.channels,
             "entropy": self.layer_entropy,
             "always": {r: int((states == r).sum()) for r in list(self.counts) + ["mixed"]},
         }
+        if self.smooth:
+            out.update(kind=self.kind, smooth=True, on_probability=float(self.on_probability.mean()),
+                       proxy=ON_PROXY)
+        return out
 
 
 def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
@@ -88,6 +109,8 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
             for a in n.attribute:
                 if a.name == "value":
                     vals[n.output[0]] = onnx.numpy_helper.to_array(a.t)
+        elif n.op_type == "Identity" and n.input and n.input[0] in vals:  # the legacy exporter's shared weights
+            vals[n.output[0]] = vals[n.input[0]]
     return vals
 
 
@@ -107,20 +130,51 @@ def _clip_bounds(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> tuple[f
     return lo, hi
 
 
-def _channel_axis(node_input: str, producers: dict[str, onnx.NodeProto], rank: int) -> int:
-    """Axis 1, except token tensors (N, L, C) that come out of a MatMul (transformer MLPs)."""
-    if rank != 3:
+def _channel_axis(node_input: str, producers: dict[str, onnx.NodeProto], rank: int,
+                  consts: dict[str, np.ndarray] | None = None) -> int:
+    """Axis 1, except token tensors (N, L, C) / (N, H, W, C) that come out of a MatMul (transformer
+    MLPs): their neurons are the LAST axis (EGP's Swin-T code took token-grid rows instead)."""
+    if rank < 3:
         return 1
     p = producers.get(node_input)
     seen = 0
-    while p is not None and seen < 3:
+    while p is not None and seen < 5:
         if p.op_type in ("MatMul", "Gemm"):
-            return 2
-        if p.op_type not in ("Add", "Mul"):
+            return rank - 1
+        if p.op_type not in ("Add", "Mul", "Div", "Sub", "Pow"):
             break
-        p = next((producers[i] for i in p.input if i in producers), None)
+        p = next((producers[i] for i in p.input if i in producers and i not in (consts or {})), None)
         seen += 1
     return 1
+
+
+def _scalar(name: str, consts: dict[str, np.ndarray]) -> float | None:
+    v = consts.get(name)
+    return float(np.asarray(v).reshape(-1)[0]) if v is not None and np.asarray(v).size == 1 else None
+
+
+def _smooth_kind(node: onnx.NodeProto, consts: dict[str, np.ndarray], producers: dict[str, onnx.NodeProto],
+                 consumers: dict[str, list[onnx.NodeProto]]) -> str:
+    """The activation a smooth op belongs to: Gelu for the Erf and Tanh forms, SiLU for x * sigmoid(x)."""
+    x = node.input[0]
+    p = producers.get(x)
+    if node.op_type == "Erf" and p is not None and p.op_type in ("Div", "Mul") and len(p.input) == 2:
+        c = _scalar(p.input[1], consts)
+        if c is not None and np.isclose(c if p.op_type == "Div" else 1.0 / c, np.sqrt(2.0), rtol=1e-3):
+            return "Gelu"
+    if node.op_type == "Tanh" and p is not None and p.op_type == "Mul":
+        if any(np.isclose(_scalar(i, consts) or 0.0, np.sqrt(2.0 / np.pi), rtol=1e-3) for i in p.input):
+            return "Gelu"
+    if node.op_type == "Sigmoid":
+        if any(c.op_type == "Mul" and x in c.input for c in consumers.get(node.output[0], [])):
+            return "SiLU"
+    if node.op_type == "Softplus":  # Mish = x * tanh(softplus(x))
+        for t in consumers.get(node.output[0], []):
+            if t.op_type == "Tanh" and any(c.op_type == "Mul" and x in c.input for c in consumers.get(t.output[0], [])):
+                return "Mish"
+    if node.op_type == "Tanh" and p is not None and p.op_type == "Softplus":
+        return "inner"  # the Tanh of a Mish: its input is always > 0, the Softplus site measures Mish
+    return node.op_type
 
 
 def _input_feed_plan(model: onnx.ModelProto, data: np.ndarray) -> tuple[str, int | None]:
@@ -203,14 +257,22 @@ def measure_activation_stats(
     graph = probe.graph
     consts = _constants(graph)
     producers = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
     graph_outputs = [o.name for o in graph.output]
     sites: list[tuple[onnx.NodeProto, str, dict[str, Any]]] = []
     exposed: list[str] = []
     for node in graph.node:
-        if node.op_type not in RECTIFIERS or not node.name or not node.input:
+        if node.op_type not in RECTIFIERS + SMOOTH or not node.name or not node.input:
             continue
         info: dict[str, Any] = {}
-        if node.op_type == "Clip":
+        if node.op_type in SMOOTH:
+            info["kind"] = _smooth_kind(node, consts, producers, consumers)
+            if info["kind"] == "inner":
+                continue
+        elif node.op_type == "Clip":
             bounds = _clip_bounds(node, consts)
             if bounds is None:
                 continue
@@ -243,13 +305,13 @@ def measure_activation_stats(
         for node, x, info in sites:
             t = outs[index[x]]
             rank = t.ndim
-            axis = _channel_axis(x, producers, rank) if rank >= 2 else 0
+            axis = _channel_axis(x, producers, rank, consts) if rank >= 2 else 0
             axes[node.name] = (axis, rank)
             t = np.moveaxis(t, axis, -1).reshape(-1, t.shape[axis]) if rank >= 2 else t.reshape(-1, 1)
             if node.op_type == "Clip":
                 regions = {"off": t <= info["low"], "sat": t >= info["high"]}
                 regions["lin"] = ~(regions["off"] | regions["sat"])
-            elif node.op_type == "Relu":
+            elif node.op_type == "Relu" or node.op_type in SMOOTH:  # smooth: ON proxy x > 0
                 lin = t > 0
                 regions = {"off": ~lin, "lin": lin}
             else:
@@ -284,7 +346,7 @@ def measure_activation_stats(
             node=node.name, op=node.op_type, tensor=x, channel_axis=axis, rank=rank,
             total=totals[node.name], counts=acc[node.name],
             low=float(info.get("low", 0.0)), high=float(info.get("high", np.inf)),
-            extra={"slope": info["slope"]} if "slope" in info else {},
+            extra={k: info[k] for k in ("slope", "kind") if k in info},
         )
     ref = [np.concatenate(parts) if parts and parts[0].ndim else parts[0] for parts in reference]
     return stats, ref

@@ -38,10 +38,68 @@ def fold_constants(graph: gs.Graph) -> None:
     graph.cleanup()
 
 
+def _noop_pad_or_slice(node: gs.Node) -> bool:
+    """A Pad by zeros everywhere, or a Slice with unit steps that keeps the whole (static) shape: the
+    window attention of Swin writes both when the map is already a multiple of the window."""
+    if node.op not in ("Pad", "Slice") or len(node.outputs) != 1 or not node.inputs:
+        return False
+    xs, ys = static_shape(node.inputs[0]), static_shape(node.outputs[0])
+    if xs is None or ys is None or list(xs) != list(ys) or not all(isinstance(d, (int, np.integer)) for d in xs):
+        return False
+    if node.op == "Pad":
+        pads = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        return pads is not None and not np.any(pads)
+    if len(node.inputs) < 3 or any(const_value(t) is None for t in node.inputs[1:] if t.name):
+        return False
+    steps = const_value(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4].name else None
+    return steps is None or bool(np.all(steps == 1))
+
+
+def _slice_params(node: gs.Node) -> tuple[list[np.ndarray], gs.Tensor] | None:
+    """(starts, ends, axes >= 0, steps) of a Slice whose parameters are constants (rank known)."""
+    if node.op != "Slice" or len(node.inputs) < 3 or len(node.outputs) != 1:
+        return None
+    rank = len(static_shape(node.inputs[0]) or []) or None
+    vals = [const_value(node.inputs[i]) if len(node.inputs) > i and node.inputs[i].name else None for i in range(1, 5)]
+    starts, ends, axes, steps = vals
+    if starts is None or ends is None or rank is None or (len(node.inputs) > 3 and node.inputs[3].name and axes is None) \
+            or (len(node.inputs) > 4 and node.inputs[4].name and steps is None):
+        return None
+    axes = np.arange(len(starts)) if axes is None else np.where(axes < 0, axes + rank, axes)
+    steps = np.ones(len(starts), np.int64) if steps is None else steps
+    return [starts.astype(np.int64), ends.astype(np.int64), axes.astype(np.int64), steps.astype(np.int64)], node.inputs[0]
+
+
+def merge_slices(graph: gs.Graph) -> list[dict[str, Any]]:
+    """Slice(Slice(x)) on disjoint axes -> one Slice over both sets of axes (PatchMerging's x[..., 0::2, 1::2, :])."""
+    done = []
+    for outer in list(graph.nodes):
+        p_out = _slice_params(outer)
+        if p_out is None or not isinstance(outer.inputs[0], gs.Variable):
+            continue
+        inner = producer(outer.inputs[0])
+        if inner is None or only_consumer(outer.inputs[0], graph) is not outer:
+            continue
+        p_in = _slice_params(inner)
+        if p_in is None or set(p_in[0][2].tolist()) & set(p_out[0][2].tolist()):
+            continue
+        merged = [np.concatenate([a, b]) for a, b in zip(p_in[0], p_out[0])]
+        names = ("starts", "ends", "axes", "steps")
+        set_list(outer.inputs, [p_in[1]] + [gs.Constant(f"{outer.name}.{n}__merged", v) for n, v in zip(names, merged)])
+        inner.outputs.clear()
+        done.append({"node": outer.name, "absorbed": inner.name})
+    if done:
+        graph.cleanup()
+    return done
+
+
 def remove_identities(graph: gs.Graph) -> list[str]:
     removed = []
     for node in list(graph.nodes):
-        if node.op == "Identity" or (node.op == "Dropout" and _dropout_is_identity(graph, node)):
+        noop = _noop_pad_or_slice(node)
+        if noop:
+            set_list(node.inputs, node.inputs[:1])
+        if node.op == "Identity" or noop or (node.op == "Dropout" and _dropout_is_identity(graph, node)):
             name = node.name
             if node.op == "Dropout":
                 set_list(node.outputs, node.outputs[:1])
@@ -185,8 +243,9 @@ def remove_neutral_elementwise(graph: gs.Graph) -> list[str]:
 
 
 def shrink_broadcast_constants(graph: gs.Graph) -> list[str]:
-    """A (1, C, H, W) constant operand that is uniform over H, W becomes (1, C, 1, 1) when the other
-    operand already has the output's shape (a folded constant branch is often just a bias)."""
+    """A constant operand that is uniform along some axes keeps size 1 there when the other operand
+    already has the output's shape: (1, C, H, W) -> (1, C, 1, 1), and the (1, H, W, C) constant of a
+    folded token-MLP branch -> (1, 1, 1, C) (a folded constant branch is often just a bias)."""
     shrunk = []
     for node in graph.nodes:
         if node.op not in ("Add", "Sub", "Mul", "Div") or len(node.inputs) != 2:
@@ -194,13 +253,17 @@ def shrink_broadcast_constants(graph: gs.Graph) -> list[str]:
         for ci in (0, 1):
             c, x = const_value(node.inputs[ci]), node.inputs[1 - ci]
             xs, ys = static_shape(x), static_shape(node.outputs[0])
-            if c is None or c.ndim < 3 or xs is None or ys is None or list(xs) != list(ys) or len(xs) != c.ndim:
+            if c is None or c.ndim < 2 or xs is None or ys is None or list(xs) != list(ys) or len(xs) != c.ndim:
                 continue
-            flat = c.reshape(c.shape[0], c.shape[1], -1)
-            if flat.shape[2] == 1 or not np.all(flat == flat[:, :, :1]):
+            small = c
+            for axis in range(1, c.ndim):
+                if small.shape[axis] > 1:
+                    first = np.take(small, [0], axis=axis)
+                    if np.all(small == first):
+                        small = first
+            if small.shape == c.shape:
                 continue
-            small = np.ascontiguousarray(flat[:, :, :1].reshape(c.shape[:2] + (1,) * (c.ndim - 2)))
-            node.inputs[ci] = gs.Constant(node.inputs[ci].name + "__uniform", small)
+            node.inputs[ci] = gs.Constant(node.inputs[ci].name + "__uniform", np.ascontiguousarray(small))
             shrunk.append(node.name)
     return shrunk
 
@@ -212,6 +275,7 @@ def canonicalize(graph: gs.Graph, layout_chains: bool = False, relu_offsets: boo
     fold_constants(graph)
     done = {
         "identities_removed": remove_identities(graph),
+        "slices_merged": merge_slices(graph),
         "constant_adds_merged": merge_constant_adds(graph),
         "relu_offsets_split": split_relu_offsets(graph) if relu_offsets else [],  # before fold_affine: it leaves a foldable Add
         "affine_folded": fold_affine(graph),

@@ -17,6 +17,7 @@ the group. A tensor that is constant in all channels is replaced by a constant a
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import numpy as np
@@ -38,10 +39,39 @@ _UNARY_FN: dict[str, Callable[[np.ndarray, gs.Node], np.ndarray]] = {
     "Neg": lambda v, n: -v,
     "Abs": lambda v, n: np.abs(v),
     "HardSigmoid": lambda v, n: np.clip(v * n.attrs.get("alpha", 0.2) + n.attrs.get("beta", 0.5), 0, 1),
+    # smooth activations and the pieces of GELU's Erf/Tanh forms: a constant channel stays constant
+    "Erf": lambda v, n: _erf(v),
+    "Gelu": lambda v, n: _gelu(v, n.attrs.get("approximate", "none")),
+    "HardSwish": lambda v, n: v * np.clip(v / 6.0 + 0.5, 0, 1),
+    "Softplus": lambda v, n: np.logaddexp(0.0, v),
+    "Mish": lambda v, n: v * np.tanh(np.logaddexp(0.0, v)),
+    "Exp": lambda v, n: np.exp(v),
+    "Sqrt": lambda v, n: np.sqrt(v),
+    "Softsign": lambda v, n: v / (1.0 + np.abs(v)),
+    "Elu": lambda v, n: np.where(v > 0, v, n.attrs.get("alpha", 1.0) * np.expm1(np.minimum(v, 0))),
 }
-_UNARY_OTHER = {"Elu", "Selu", "Softplus", "Erf", "HardSwish", "Exp", "Sqrt", "Softsign", "Celu", "Mish"}
+_UNARY_OTHER = {"Selu", "Celu"}
 _BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "Max": np.maximum,
-           "Min": np.minimum}
+           "Min": np.minimum, "Pow": np.power}
+
+
+def _erf(v: np.ndarray) -> np.ndarray:
+    return np.vectorize(math.erf, otypes=[np.float64])(np.asarray(v, np.float64))
+
+
+def _gelu(v: np.ndarray, approximate: str | bytes = "none") -> np.ndarray:
+    v = np.asarray(v, np.float64)
+    if (approximate.decode() if isinstance(approximate, bytes) else approximate) == "tanh":
+        return 0.5 * v * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v ** 3)))
+    return 0.5 * v * (1.0 + _erf(v / math.sqrt(2.0)))
+
+
+def zero_matmul(node: gs.Node) -> bool:
+    """MatMul(x, W) with a constant all-zero W: its output is 0 whatever x is."""
+    if node.op != "MatMul" or len(node.inputs) != 2 or not isinstance(node.inputs[0], gs.Variable):
+        return False
+    w = const_value(node.inputs[1])
+    return w is not None and w.ndim >= 2 and w.size > 0 and not np.any(w)
 _POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
 
 Info = tuple[np.ndarray, np.ndarray]  # (constant mask, value) per channel
@@ -162,7 +192,9 @@ def constant_channels(graph: gs.Graph) -> dict[str, Info]:
             continue
         kind = _producer_kind(node)
         data = None if kind else _member_data_inputs(node, graph)
-        if kind == "conv":
+        if kind is None and zero_matmul(node):  # an all-zero token linear layer (fc1 of a pruned MLP)
+            info[out.name] = (np.ones(nch, bool), np.zeros(nch))
+        elif kind == "conv":
             w, b = conv_weights(node)
             a = conv_attrs(node, w.shape)
             cin = w.shape[1]
@@ -209,7 +241,8 @@ def constant_channels(graph: gs.Graph) -> dict[str, Info]:
                 continue
             im, iv = get(node.inputs[0], nch)
             if node.op in _UNARY_FN:
-                val = _UNARY_FN[node.op](iv, node)
+                with np.errstate(all="ignore"):
+                    val = _UNARY_FN[node.op](iv, node)
             elif node.op == "Clip":
                 lo = const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
                 hi = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
@@ -239,6 +272,8 @@ def constant_channels(graph: gs.Graph) -> dict[str, Info]:
                     val = bias + np.where(wz, 0.0, w.reshape(nch, -1).sum(axis=1) * iv)
             else:
                 continue
+            with np.errstate(all="ignore"):
+                im = im & np.isfinite(val)  # e.g. Sqrt of a negative constant: not a usable constant
             info[out.name] = (im, np.where(im, val, 0.0))
     return info
 

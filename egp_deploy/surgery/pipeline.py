@@ -19,7 +19,8 @@ from egp_deploy.surgery.dead_channels import constant_layers_to_constants, elimi
 from egp_deploy.surgery.dead_taps import crop_dead_taps
 from egp_deploy.surgery.merge_linear import merge_linear
 from egp_deploy.surgery.report import module_namer
-from egp_deploy.surgery.strip_activations import strip_activations, unpin_survivors
+from egp_deploy.surgery.strip_activations import linearize_smooth, strip_activations, unpin_survivors
+from egp_deploy.surgery.transformer_mlp import narrow_token_mlps
 from egp_deploy.surgery.verify import NOISE_FACTOR, compare, fp32_noise_floor, passes, run_model
 
 try:
@@ -54,6 +55,10 @@ class SurgeryOptions:
     latency_margin: float = 0.05  # a merge must be this much faster than the layers it replaces
     latency_threads: int = 1  # intra-op threads while timing (ort-cpu)
     latency_rounds: int = 30  # interleaved timing rounds per candidate graph
+    # transformer / smooth-activation additions (issue 12)
+    linearize_smooth: bool = False  # GELU/SiLU/HardSwish/Mish always ON/OFF on calibration -> x / 0 (NOT exact)
+    max_data_dependent_error: float | None = None  # held-out rel. error the data-dependent strips may add
+    min_calibration_samples: int = 100  # fewer, with strips on: a warning (channels OFF by chance)
 
 
 @dataclass
@@ -93,7 +98,8 @@ def _rewrite(named: onnx.ModelProto, stats: dict[str, ActivationStats] | None, o
         inferred = named
     graph = gs.import_onnx(inferred)
     changes: dict[str, list] = {"canonicalized": [], "stripped": [], "constant_layers": [], "dead_channels": [],
-                                "dead_taps": [], "merged": [], "merge_candidates": []}
+                                "dead_taps": [], "merged": [], "merge_candidates": [],
+                                "mlp_units": []}
 
     def record_canon(done: dict[str, list]) -> bool:
         items = [{"pass": k, **(v if isinstance(v, dict) else {"node": v})} for k, vals in done.items() for v in vals]
@@ -105,6 +111,8 @@ def _rewrite(named: onnx.ModelProto, stats: dict[str, ActivationStats] | None, o
     if stats:
         graph = refresh_shapes(graph, named)
         changes["stripped"] = strip_activations(graph, stats, module_of)
+        if options.linearize_smooth:
+            changes["linearized"] = linearize_smooth(graph, stats, module_of)
     for _ in range(options.max_rounds):
         changed = False
         graph = refresh_shapes(graph, named)
@@ -120,6 +128,11 @@ def _rewrite(named: onnx.ModelProto, stats: dict[str, ActivationStats] | None, o
             dead = eliminate_dead_channels(graph, module_of, options.channel_multiple)
             changes["dead_channels"].extend(dead)
             changed |= bool(dead)
+            narrowed = narrow_token_mlps(graph, module_of, options.channel_multiple)  # last-axis hidden units
+            changes["mlp_units"].extend(narrowed)
+            changed |= bool(narrowed)
+            if narrowed:
+                graph = refresh_shapes(graph, named)
             cropped = crop_dead_taps(graph, module_of)
             changes["dead_taps"].extend(cropped)
             changed |= bool(cropped)
@@ -141,6 +154,8 @@ def _rewrite(named: onnx.ModelProto, stats: dict[str, ActivationStats] | None, o
 
 def _data_dependent_ok(result: dict[str, Any], options: SurgeryOptions) -> bool:
     if not result["finite"] or result["problem"]:
+        return False
+    if options.max_data_dependent_error is not None and result["rel_error"] > options.max_data_dependent_error:
         return False
     if result["top1_agreement"] is not None:
         return result["top1_agreement"] >= options.min_held_out_agreement
@@ -164,6 +179,8 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
     calibration = check_inputs(model, calibration, "calibration data")
     if held_out is not None:
         held_out = check_inputs(model, held_out, "held-out data")
+    elif options.max_data_dependent_error is not None and options.strip_activations:
+        raise UsageError("a bound on the data-dependent error (max_data_dependent_error) needs held-out data")
     module_of = module_namer(model)
     named = name_nodes(model)
     timings: dict[str, float] = {}
@@ -176,6 +193,12 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
     stats, ref_cal = measure_activation_stats(named, calibration, options.batch_size, options.threads, options.progress)
     ref_held = run_model(named, held_out, options.batch_size, options.threads) if held_out is not None else None
     timings["measure_s"] = time.perf_counter() - t
+    warnings = []
+    strippable = any(not s.smooth for s in stats.values()) or options.linearize_smooth
+    if options.strip_activations and strippable and calibration.shape[0] < options.min_calibration_samples:
+        warnings.append(f"only {calibration.shape[0]} calibration samples: the data-dependent strips may remove "
+                        f"channels that were OFF by chance; use at least {options.min_calibration_samples} "
+                        "(and check the held-out error below)")
 
     planner: dict[str, Any] = {}
 
@@ -199,15 +222,18 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
     use_strips = options.strip_activations and bool(stats)
     out, changes, cal, held = attempt(use_strips)
     note = None
+    # (linearised smooth activations are judged by the inexact tolerance instead, on both data sets)
     if changes["stripped"] and held is not None and not _data_dependent_ok(held, options) \
             and passes(cal, options.tolerance if not _inexact(changes) else options.inexact_tolerance):
+        bound = "" if options.max_data_dependent_error is None else \
+            f", rel. error <= {options.max_data_dependent_error:g}"
         note = ("data-dependent strips reverted: on held-out data they kept top-1 agreement "
-                f"{_pct(held['top1_agreement'])} / rel. error {held['rel_error']:.2e}, below the required "
-                f"{options.min_held_out_agreement:.2%}")
+                f"{_pct(held['top1_agreement'])} / rel. error {held['rel_error']:.2e}, outside the bounds "
+                f"(agreement >= {options.min_held_out_agreement:.2%}{bound})")
         strip_held = held
         out, changes, cal, held = attempt(False)
         changes["reverted_strips"] = [{"held_out": strip_held}]
-    if held_out is None and changes["stripped"]:
+    if held_out is None and _data_dependent(changes):
         note = ("no held-out data: the data-dependent strips are verified on the calibration data only; "
                 "pass held-out inputs to check that they generalise")
     inexact = _inexact(changes)
@@ -240,7 +266,11 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
         "calibration": cal,
         "held_out": held,
         "exact_rewrites_pass": True,
-        "inexact_merges": inexact,
+        "inexact_merges": any(not m.get("exact", True) for m in changes.get("merged", [])),
+        "inexact_rewrites": inexact,  # inexact merges or linearised smooth activations: inexact_tolerance
+        "linearized_smooth": {"sites": len(changes.get("linearized", [])), "calibration_rel_error": cal["rel_error"],
+                              "held_out_rel_error": None if held is None else held["rel_error"]}
+        if changes.get("linearized") else None,
         "data_dependent": {
             "strips": len(changes["stripped"]),
             "held_out": held if changes["stripped"] else None,
@@ -271,8 +301,16 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
             "activations_measured": len(stats),
             "constant_layers_folded": len(changes["constant_layers"]),
             "channels_removed": sum(r["channels_before"] - r["channels_after"] for r in changes["dead_channels"]),
+            "mlp_units_removed": sum(r["units_before"] - r["units_after"] for r in changes["mlp_units"]),
             "kernels_cropped": len(changes["dead_taps"]),
             "merges": len(changes["merged"]),
+            "smooth_activations_measured": sum(s.smooth for s in stats.values()),
+            "smooth_linearized": len(changes.get("linearized", [])),
+            # held-out rel. error of the result vs the input graph when data-dependent rewrites were made
+            # (the exact rewrites add at most their round-off, <= tolerance)
+            "data_dependent_held_out_error": held["rel_error"] if held is not None and _data_dependent(changes)
+            else None,
+            "max_data_dependent_error": options.max_data_dependent_error,
             "layers_removed": len(layers_removed),
         },
         "layers_removed": layers_removed,
@@ -286,12 +324,17 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
                     "held_out": None if held_out is None else int(held_out.shape[0])},
         "timing_s": timings,
         "merge_planner": planner,
+        "warnings": warnings,
     }
     return SurgeryResult(model=out, report=report, stats=stats)
 
 
 def _inexact(changes: dict[str, list]) -> bool:
-    return any(not m.get("exact", True) for m in changes.get("merged", []))
+    return any(not m.get("exact", True) for m in changes.get("merged", [])) or bool(changes.get("linearized"))
+
+
+def _data_dependent(changes: dict[str, list]) -> bool:
+    return bool(changes.get("stripped")) or bool(changes.get("linearized"))
 
 
 def _pct(v: float | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 from typing import Any, Callable
 
@@ -26,14 +27,13 @@ def module_name_from_node(node_name: str) -> str | None:
     if not node_name.startswith("/"):
         return None
     parts = [p for p in node_name.split("/") if p][:-1]
-    current = ""
+    current, prev = "", ""
     for comp in parts:
-        head = comp.split(".")[0]
-        if current and "." in comp and head == current.split(".")[-1]:
-            base = current.rsplit(".", 1)[0] if "." in current else ""
-            current = f"{base}.{comp}" if base else comp
+        if prev and comp.startswith(prev + "."):  # 'features.1' then 'features.1.0' (nested Sequential)
+            current = current[: len(current) - len(prev)] + comp
         else:
             current = f"{current}.{comp}" if current else comp
+        prev = comp
     return current or None
 
 
@@ -47,8 +47,19 @@ def module_namer(model: onnx.ModelProto) -> Callable[[str], str | None]:
             except (ValueError, AttributeError):
                 mapping = {}
 
+    scoped = {}  # the dynamo exporter's per-node scopes: [..., 'features.1.0.mlp.0', 'linear']
+    for n in model.graph.node:
+        for prop in n.metadata_props:
+            if prop.key == "pkg.torch.onnx.name_scopes" and n.name:
+                try:
+                    scopes = ast.literal_eval(prop.value)
+                except (ValueError, SyntaxError):
+                    continue
+                if isinstance(scopes, list) and len(scopes) >= 2 and scopes[-2]:
+                    scoped[n.name] = str(scopes[-2])
+
     def name_of(node: str) -> str | None:
-        return mapping.get(node) or module_name_from_node(node)
+        return mapping.get(node) or scoped.get(node) or module_name_from_node(node)
 
     return name_of
 
@@ -95,7 +106,15 @@ def print_report(report: dict[str, Any], console=None) -> None:
         if isinstance(b, (int, float)) and isinstance(a, (int, float)) and b:
             change = f"{(a - b) / b * 100:+.1f} %"
         table.add_row(label, _fmt(b), _fmt(a), change)
+    summary = report.get("summary", {})
+    dd = summary.get("data_dependent_held_out_error")
+    if dd is not None:  # what the data-dependent strips cost on data they were not measured on
+        bound = summary.get("max_data_dependent_error")
+        table.add_row("held-out rel. error (data-dependent)", "0", f"{dd:.2e}",
+                      "-" if bound is None else f"bound {bound:g}")
     console.print(table)
+    for w in report.get("warnings") or []:
+        console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
     removed = report.get("layers_removed") or []
     if removed:
         console.print(f"[bold]conv/gemm layers removed:[/] {len(removed)}: {', '.join(removed)}", soft_wrap=True)
@@ -108,6 +127,8 @@ def print_report(report: dict[str, Any], console=None) -> None:
                        ("constant_layers", "constant layers folded"),
                        ("dead_channels", "channel groups narrowed"),
                        ("dead_taps", "kernels cropped to their nonzero taps"),
+                       ("mlp_units", "token MLPs narrowed"),
+                       ("linearized", "smooth activations linearized (NOT exact)"),
                        ("merged", "linear layers merged")):
         items = lists.get(key, [])
         if not items:
@@ -117,7 +138,19 @@ def print_report(report: dict[str, Any], console=None) -> None:
             console.print("  " + _describe(key, it), soft_wrap=True)
         if len(items) > 12:
             console.print(f"  ... and {len(items) - 12} more (see the JSON report)")
+    smooth = [a for a in report.get("activations", []) if a.get("smooth")]
+    if smooth:
+        shown = ", ".join(f"{a.get('module') or a['node']} ({a['kind']}) {a['entropy']:.2f}" for a in smooth[:12])
+        more = f" ... and {len(smooth) - 12} more" if len(smooth) > 12 else ""
+        console.print(f"[bold]smooth activations (entropy, ON = pre-activation > 0; kept):[/] {len(smooth)}: "
+                      f"{shown}{more}", soft_wrap=True)
     v = report.get("verification", {})
+    lin = v.get("linearized_smooth")
+    if lin:
+        console.print(f"[yellow]{lin['sites']} smooth activations linearized (inexact): rel. error "
+                      f"{lin['calibration_rel_error']:.2e} on calibration"
+                      + (f", {lin['held_out_rel_error']:.2e} on held-out" if lin.get("held_out_rel_error") is not None
+                         else "") + "[/]")
     for split in ("calibration", "held_out"):
         r = v.get(split)
         if r:
@@ -132,7 +165,7 @@ def _describe(key: str, it: dict[str, Any]) -> str:
     if key == "stripped":
         return f"{it.get('module') or it['node']} ({it['op']}): {it['action']}"
     if key == "constant_layers":
-        mods = it.get("folded_modules") or []
+        mods = list(dict.fromkeys(it.get("folded_modules") or []))  # a GELU's Erf arithmetic is 5 nodes of one module
         return f"{it.get('module') or it['producer']} -> constant; folded: {', '.join(mods)}"
     if key == "dead_channels":
         return (f"{', '.join(it['modules'])}: {it['channels_before']} -> {it['channels_after']} channels "
@@ -140,6 +173,12 @@ def _describe(key: str, it: dict[str, Any]) -> str:
     if key == "dead_taps":
         k0, k1 = ("x".join(map(str, it[k])) for k in ("kernel_before", "kernel_after"))
         return f"{it.get('module') or it['node']}: kernel {k0} -> {k1}, pads {it['pads_before']} -> {it['pads_after']}"
+    if key == "linearized":
+        return (f"{it.get('module') or it['node']} ({it['kind']}): {it['on']} ON channels -> x, "
+                f"{it['off']} OFF channels -> 0")
+    if key == "mlp_units":
+        return (f"{' + '.join(it['modules'])}: {it['units_before']} -> {it['units_after']} hidden units "
+                f"({it['constant']} constant, {it['unused']} unused)")
     if key == "merged":
         return f"{' + '.join(it['modules'])}: {it['kind']}"
     return json.dumps(it)

@@ -99,7 +99,7 @@ def strip_activations(
     records = []
     for node in list(graph.nodes):
         st = stats.get(node.name)
-        if st is None or node.op != st.op or not node.outputs:
+        if st is None or node.op != st.op or not node.outputs or st.smooth:  # smooth: never exact
             continue
         linear, scale, shift = _affine_for(st)
         states = st.channel_states()
@@ -130,5 +130,96 @@ def strip_activations(
             _append_affine(graph, node, mid, m, s, pshape, y, tag=PIN_TAG)
             records.append({**rec, "action": f"pinned {int(const.sum())} constant channels",
                             "pinned": int(const.sum())})
+    graph.cleanup().toposort()
+    return records
+
+
+LINEARIZABLE = ("Gelu", "SiLU", "HardSwish", "Mish")  # x * gate(x): gate ~1 when ON, ~0 when OFF
+
+
+def _single_reader(graph: gs.Graph, t: gs.Tensor, op: str) -> gs.Node | None:
+    if t in graph.outputs or len(t.outputs) != 1 or t.outputs[0].op != op:
+        return None
+    return t.outputs[0]
+
+
+def _other_input(node: gs.Node, t: gs.Tensor) -> gs.Tensor | None:
+    others = [x for x in node.inputs if x is not t]
+    return others[0] if len(node.inputs) == 2 and len(others) == 1 else None
+
+
+def _is_const(t: gs.Tensor, value: float) -> bool:
+    return isinstance(t, gs.Constant) and np.asarray(t.values).size == 1 \
+        and np.isclose(float(np.asarray(t.values).reshape(())), value)
+
+
+def _gelu_like_span(graph: gs.Graph, node: gs.Node, kind: str) -> tuple[gs.Tensor, gs.Tensor] | None:
+    """(pre-activation x, activation output y) of the activation measured at ``node``."""
+    if kind in ("Gelu", "HardSwish") and node.op in ("Gelu", "HardSwish"):
+        return node.inputs[0], node.outputs[0]
+    x = node.inputs[0]
+    if kind == "SiLU":  # Sigmoid(x) -> Mul(x, .)
+        mul = _single_reader(graph, node.outputs[0], "Mul")
+        return (x, mul.outputs[0]) if mul is not None and _other_input(mul, node.outputs[0]) is x else None
+    if kind == "Mish":  # Softplus(x) -> Tanh -> Mul(x, .)
+        tanh = _single_reader(graph, node.outputs[0], "Tanh")
+        mul = _single_reader(graph, tanh.outputs[0], "Mul") if tanh is not None else None
+        return (x, mul.outputs[0]) if mul is not None and _other_input(mul, tanh.outputs[0]) is x else None
+    if kind != "Gelu" or node.op not in ("Erf", "Tanh"):
+        return None
+    # Erf/Tanh form: core -> Add(1) -> Mul with x (or 0.5 x) -> optionally Mul(0.5)
+    if node.op == "Erf":
+        scaled = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+        pre = scaled.inputs[0] if scaled is not None else None
+    add = _single_reader(graph, node.outputs[0], "Add")
+    if add is None or not _is_const(_other_input(add, node.outputs[0]), 1.0):
+        return None
+    mul = _single_reader(graph, add.outputs[0], "Mul")
+    if mul is None:
+        return None
+    partner = _other_input(mul, add.outputs[0])
+    half = _single_reader(graph, mul.outputs[0], "Mul")
+    if half is not None and _is_const(_other_input(half, mul.outputs[0]), 0.5):
+        y, xs = half.outputs[0], partner  # x * (1 + erf) * 0.5
+    else:
+        y = mul.outputs[0]
+        p = partner.inputs[0] if partner is not None and partner.inputs else None
+        if p is None or p.op != "Mul" or not any(_is_const(t, 0.5) for t in p.inputs):
+            return None
+        xs = next(t for t in p.inputs if not _is_const(t, 0.5))  # (0.5 x) * (1 + erf)
+    if node.op == "Erf" and xs is not pre:
+        return None
+    return xs, y
+
+
+def linearize_smooth(graph: gs.Graph, stats: dict[str, ActivationStats],
+                     module_of: Callable[[str], str | None] = lambda n: None) -> list[dict[str, Any]]:
+    """Opt-in and NEVER exact: a GELU-like activation whose channels each stayed ON (pre-activation > 0)
+    or OFF on the calibration data becomes x (ON) or 0 (OFF) per channel; the error is what
+    verification then measures against the input graph."""
+    records = []
+    for node in list(graph.nodes):
+        st = stats.get(node.name)
+        if st is None or not st.smooth or st.kind not in LINEARIZABLE or node.op != st.op:
+            continue
+        states = st.channel_states()
+        if np.any(states == "mixed"):
+            continue
+        span = _gelu_like_span(graph, node, st.kind)
+        if span is None:
+            continue
+        x, y = span
+        y_node = y.inputs[0]
+        set_list(y_node.outputs, [gs.Variable(fresh_name(y.name + ".replaced"), dtype=np.float32)])
+        scale = np.where(states == "lin", 1.0, 0.0).astype(np.float32)
+        if np.all(scale == 1.0):
+            graph.nodes.append(gs.Node("Identity", name=fresh_name(node.name + "/egp_linear"), inputs=[x], outputs=[y]))
+        else:
+            _append_affine(graph, node, x, scale, np.zeros_like(scale), _param_shape(st), y, tag="egp_linear_")
+        records.append({"node": node.name, "module": module_of(node.name), "op": node.op, "kind": st.kind,
+                        "channels": st.channels, "on": int((states == "lin").sum()),
+                        "off": int((states == "off").sum()), "entropy": st.layer_entropy,
+                        "action": "replaced by x (ON channels) / 0 (OFF channels)", "exact": False,
+                        "data_dependent": True})
     graph.cleanup().toposort()
     return records
