@@ -15,8 +15,9 @@ SCHEMA = "egp-deploy-check/1"
 
 app = new_app(
     "Latency gate for CI and edge devices: measure MODEL (trtexec conventions, see egp-bench) and "
-    "compare the --percentile latency with --budget-ms. Exit 0 within budget, 1 over budget, "
-    "2 could not measure (bad input, missing backend, no GPU, ...), saying which."
+    "compare the --percentile latency with --budget-ms. --json gets the verdict on every exit path.",
+    epilog="Exit codes: 0 within budget, 1 over budget, 2 could not measure (bad command line, bad input, "
+           "missing backend, no GPU, ...), saying which.",
 )
 
 
@@ -105,9 +106,35 @@ def check(
     raise typer.Exit(code)
 
 
+def _json_path_from(argv: list[str]) -> Optional[Path]:
+    """--json PATH / --json=PATH from a command line click could not parse."""
+    for i, arg in enumerate(argv):
+        if arg == "--json" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--json="):
+            return Path(arg.split("=", 1)[1])
+    return None
+
+
+def _report_argument_error(argv: list[str], message: str) -> None:
+    """The documented promise: --json is written on every exit path, a bad command line included."""
+    from egp_deploy.io_utils import write_json_atomic
+
+    json_out = _json_path_from(argv)
+    if json_out is None:
+        return
+    report = {"schema": SCHEMA, "argv": argv, "verdict": "could_not_measure", "exit_code": EXIT_UNMEASURED,
+              "error": "UsageError", "message": f"could not measure (UsageError): {message}",
+              "environment": _environment_or_error()}
+    try:
+        write_json_atomic(json_out, report)
+    except OSError as e:
+        console.print(f"[bold red]error:[/] cannot write {json_out}: {e}")
+
+
 def main() -> None:
     # anything that escapes the command (e.g. an unexpected error outside it) is "could not measure"
-    run_app(app, "egp-check", error_exit=lambda e: EXIT_UNMEASURED)
+    run_app(app, "egp-check", error_exit=lambda e: EXIT_UNMEASURED, on_argument_error=_report_argument_error)
 
 
 if __name__ == "__main__":
