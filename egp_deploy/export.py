@@ -157,9 +157,13 @@ def load_source(path: str | os.PathLike, unsafe_pickle: bool = False) -> SourceM
             raise InputFileError(f"{path} is a damaged TorchScript archive ({_first_line(e)})") from None
         return SourceModel("torchscript", path, digest, module, arch=_class_name(module))
     if kind == "exported":
+        from egp_deploy.pt2_archive import load_exported_program
+
         try:
             with _quiet():
-                ep = torch.export.load(str(path))
+                ep = load_exported_program(path, unsafe=unsafe_pickle)
+        except InputFileError:
+            raise
         except Exception as e:
             raise InputFileError(f"{path} is a damaged torch.export archive ({_first_line(e)})") from None
         shape, dynamic = _exported_input_shape(ep)
