@@ -651,11 +651,11 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
 
 
 def check_output_path(source_path: str | os.PathLike, out_path: str | os.PathLike) -> None:
-    src, out = Path(source_path).resolve(), Path(out_path).resolve()
-    if src == out:
-        raise UsageError(f"output path {out_path} is the input file; choose another -o")
-    if out.is_dir():
-        raise UsageError(f"output path {out_path} is a folder")
+    """Before any work: ``out_path`` is not the source (symlinks and hard links resolved), not a
+    folder, and can be written (its nearest existing parent is a writable folder)."""
+    from egp_deploy.validation import check_outputs
+
+    check_outputs([source_path], {"output path": out_path})
 
 
 def export_file(

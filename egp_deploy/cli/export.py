@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 import typer
 
-from egp_deploy.cli._common import console, new_app, run_app, stdout
+from egp_deploy.cli._common import Precision, console, new_app, run_app, stdout
 from egp_deploy.errors import BackendUnavailableError, DataError, NonFiniteError, UsageError
 
 app = new_app(
@@ -225,7 +225,7 @@ def export(
     no_surgery: bool = typer.Option(False, "--no-surgery", help="Only export and verify; skip the graph surgery."),
     unsafe_pickle: bool = typer.Option(False, "--unsafe-pickle", help="Allow a fully pickled nn.Module: loading it RUNS ARBITRARY CODE from the file."),
     build: bool = typer.Option(False, "--build", help="Also build a TensorRT engine (OUT.egp.engine) when TensorRT and a GPU are present."),
-    precision: str = typer.Option("fp32", "--precision", help="Engine precision for --build: fp32 or fp16."),
+    precision: Precision = typer.Option("fp32", "--precision", help="Engine precision for --build: fp32 or fp16."),
     report: Optional[Path] = typer.Option(None, "--report", help="JSON report path (default: OUT.egp.json; OUT.export.json with --no-surgery)."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write a before/after PNG beside the report."),
     exporter: Exporter = typer.Option(Exporter.auto, "--exporter", help="auto: legacy TorchScript exporter for modules (fast, module-path node names), dynamo for .pt2."),
@@ -239,6 +239,11 @@ def export(
     Writes OUT.onnx (exported, checked against PyTorch with onnxruntime), OUT.egp.onnx (surgered,
     checked against OUT.onnx on calibration and held-out data), OUT.egp.json and OUT.egp.png.
     """
+    precision = str(precision)
+    from egp_deploy.validation import validate_options, validate_surgery_settings
+
+    validate_options("export", locals())
+    validate_surgery_settings(settings)
     import torch
 
     from egp_deploy.export import (
@@ -257,6 +262,8 @@ def export(
             paths["plot"] = report.with_suffix(".png")
     for p in paths.values():
         check_output_path(model, p)
+        if calibration and Path(calibration).is_file():
+            check_output_path(calibration, p)
     if len({p.resolve() for p in paths.values()}) != len(paths):
         raise UsageError(f"output paths collide: {', '.join(str(p) for p in paths.values())}")
     shape = parse_input_shape(input_shape)

@@ -107,19 +107,20 @@ def surgery(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table, no progress bar."),
 ) -> None:
     """Rewrite INPUT into a shallower, narrower graph and write it to OUTPUT after verification."""
-    from egp_deploy.io_utils import write_bytes_atomic, write_json_atomic
+    from egp_deploy import validation as check
+
+    check.validate_options("surgery", locals())
+    files = [input] + [Path(p) for p in (calibration, held_out) if p and Path(p).is_file()]
+    check.check_outputs(files, {"OUTPUT": output, "--report": report, "--plot": plot})
+    check.check_sample_file("--calibration", calibration)
+    check.check_sample_file("--held-out", held_out)
+    from egp_deploy.io_utils import atomic_files
     from egp_deploy.surgery import SurgeryOptions, optimize
     from egp_deploy.surgery.report import print_report, save_report_plot
 
-    outs = [output] + [p for p in (report, plot) if p is not None]
-    for p in outs:
-        if p.resolve() == input.resolve():
-            raise UsageError(f"output path {p} is the input file; choose another path")
-    if len({p.resolve() for p in outs}) != len(outs):
-        raise UsageError("the model, --report and --plot paths must differ")
-    if output.exists() and output.is_dir():
-        raise UsageError(f"output path {output} is a directory")
     model = _load_model(input)
+    check.check_onnx_model_inputs(model, "egp-surgery", samples + held_out_samples)
+    check.check_finite_weights(model)
     if calibration is None:
         console.print("[yellow]warning:[/] no --calibration given: using random normal inputs. Activation "
                       "statistics of random inputs say little about real data; only exact rewrites can be trusted.")
@@ -145,11 +146,12 @@ def surgery(
     result = optimize(model, cal, held, options)
     result.report["files"] = {"input": os.fspath(input), "output": os.fspath(output),
                               "calibration": calibration, "held_out": held_spec if held is not None else None}
-    write_bytes_atomic(output, result.model.SerializeToString())
-    if report is not None:
-        write_json_atomic(report, result.report)
-    if plot is not None:
-        save_report_plot(result.report, plot)
+    with atomic_files() as outputs:  # model, report and plot appear together or not at all
+        outputs.write_bytes(output, result.model.SerializeToString())
+        if report is not None:
+            outputs.write_json(report, result.report)
+        if plot is not None:
+            save_report_plot(result.report, outputs.path(plot))
     if not quiet:
         print_report(result.report, stdout)
         stdout.print(f"wrote {output}" + (f", {report}" if report else "") + (f", {plot}" if plot else ""))
