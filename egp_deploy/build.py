@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from egp_deploy.errors import BackendUnavailableError, InputFileError, UnsupportedError, UsageError
+from egp_deploy.errors import BackendUnavailableError, InputFileError, UnsupportedError, UsageError, first_words
 from egp_deploy.io_utils import sha256_file, write_bytes_atomic, write_json_atomic
 from egp_deploy.runners.base import ShapeTriple
 
@@ -312,7 +312,7 @@ def build_engine(
     if not parser.parse_from_file(str(onnx_path)):
         errs = [str(parser.get_error(i)) for i in range(parser.num_errors)] or logger.errors
         first = errs[0].strip().splitlines()[0] if errs else "unknown parser error"
-        raise UnsupportedError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {first[:200]}")
+        raise UnsupportedError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {first_words(first)}")
 
     config = builder.create_builder_config()
     if workspace_mib:
@@ -335,7 +335,7 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         first = logger.errors[0].splitlines()[0] if logger.errors else "see TensorRT's log"
-        raise UnsupportedError(f"TensorRT could not build {onnx_path.name}: {first[:200]}")
+        raise UnsupportedError(f"TensorRT could not build {onnx_path.name}: {first_words(first)}")
     engine_bytes = bytes(serialized)
     write_bytes_atomic(engine_path, engine_bytes)
     if cache_path:

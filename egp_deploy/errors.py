@@ -14,6 +14,19 @@ EXIT_CODES = {
     3: "bad input file", 4: "bad data", 5: "missing backend", 6: "non-finite numbers (NaN/Inf)",
     7: "verification failed", 8: "unsupported model or op", 130: "interrupted",
 }
+
+
+def first_words(text: object, limit: int = 200) -> str:
+    """The first line of a library's message, cut at a word boundary (with ' ...') beyond ``limit``
+    characters: one line that never stops mid-word."""
+    line = (str(text).strip().splitlines() or [""])[0].strip()
+    if len(line) <= limit:
+        return line
+    head = line[:limit]
+    cut = head.rsplit(" ", 1)[0] if " " in head[limit // 2:] else head
+    return cut.rstrip(",;:") + " ..."
+
+
 EXIT_CODES_HELP = "Exit codes: " + ", ".join(f"{code} {what}" for code, what in EXIT_CODES.items()) + "."
 
 

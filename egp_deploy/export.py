@@ -36,6 +36,7 @@ import torch.nn as nn
 from egp_deploy import __version__
 from egp_deploy.errors import (
     BackendUnavailableError, InputFileError, NonFiniteError, UnsupportedError, UsageError, VerificationError,
+    first_words,
 )
 from egp_deploy.io_utils import sha256_file, write_bytes_atomic
 
@@ -92,8 +93,7 @@ class ExportResult:
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+    return first_words(e, limit) if str(e).strip() else type(e).__name__
 
 
 def detect_kind(path: str | os.PathLike) -> str:
@@ -295,6 +295,9 @@ def export_model(
         raise UsageError(f"exporter must be auto, legacy or dynamo, got {exporter!r}")
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
+    names = input_names(source)
+    if names is not None and len(names) != 1:  # exit 8, as from every command (egp-surgery, ...)
+        raise UnsupportedError(f"the model takes {len(names)} inputs ({', '.join(names)}); egp-export supports exactly one")
     sample = tuple(input_shape) if input_shape else source.input_shape
     if sample is None:
         raise UsageError(f"the input shape of a {source.kind} model is not recorded in {source.path.name}: "
@@ -358,6 +361,25 @@ def _flatten_outputs(out: Any) -> list[torch.Tensor]:
             flat += _flatten_outputs(o)
         return flat
     raise UnsupportedError(f"the model returns a {type(out).__name__}; only tensors (or tuples of them) export")
+
+
+def input_names(source: SourceModel) -> list[str] | None:
+    """Names of the tensors the model's forward takes (None when they cannot be read)."""
+    import inspect
+
+    if source.kind == "exported":
+        return [s.arg.name for s in source.module.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    if source.kind == "torchscript":
+        try:
+            return [a.name for a in source.module.forward.schema.arguments[1:]]
+        except (AttributeError, RuntimeError):
+            return None
+    try:
+        params = inspect.signature(source.module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return [p.name for p in params if p.default is inspect.Parameter.empty
+            and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
 
 
 def _run_torch(source: SourceModel, x: torch.Tensor) -> list[np.ndarray]:

@@ -28,7 +28,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from egp_deploy.errors import InputFileError
+from egp_deploy.errors import InputFileError, first_words
 
 UNSAFE_HINT = "loading it runs arbitrary code: pass --unsafe-pickle only if you trust its origin"
 
@@ -222,4 +222,4 @@ def load_exported_program(path: str | Path, unsafe: bool = False) -> Any:
         with _weights_only_torch_load():
             return torch.export.load(io.BytesIO(data))
     except pickle.UnpicklingError as e:
-        raise _refuse(path, f"members hold pickled Python objects ({str(e).strip().splitlines()[0][:120]})") from None
+        raise _refuse(path, f"members hold pickled Python objects ({first_words(e, 120)})") from None

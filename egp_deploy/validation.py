@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from egp_deploy.errors import UsageError
+from egp_deploy.errors import UsageError, first_words
 
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds agree on this range (numpy refuses negatives)
 
@@ -280,21 +280,13 @@ def check_sample_file(option: str, spec: str | None) -> None:
                         f"{first_words(str(e), 120)})") from None
 
 
-def first_words(text: str, limit: int = 200) -> str:
-    """The first line of ``text``, cut at a word boundary (with '...') when longer than ``limit``."""
-    line = (text.strip().splitlines() or [""])[0]
-    if len(line) <= limit:
-        return line
-    cut = line[:limit].rsplit(" ", 1)[0] if " " in line[:limit] else line[:limit]
-    return cut.rstrip(",;:") + " ..."
-
-
 _FLOAT_TYPES = {1: "float32", 10: "float16", 11: "float64", 16: "bfloat16"}
 
 
-def check_onnx_model_inputs(model: Any, command: str, samples: int = 0) -> None:
+def check_onnx_model_inputs(model: Any, command: str, samples: int = 0, float32_only: bool = False) -> None:
     """The model a command that feeds data can run: exactly one graph input (UnsupportedError, exit 8,
-    for every command alike), a floating-point one, and ``samples`` of it fit in memory."""
+    for every command alike), a floating-point one (float32 with ``float32_only``), and ``samples``
+    of it fit in memory."""
     from egp_deploy.errors import UnsupportedError
     from onnx import TensorProto
 
@@ -308,6 +300,10 @@ def check_onnx_model_inputs(model: Any, command: str, samples: int = 0) -> None:
         kind = TensorProto.DataType.Name(tensor.elem_type).lower() if tensor.elem_type else "non-tensor"
         raise UnsupportedError(f"input {inputs[0].name!r} is {kind}; {command} feeds floating-point samples "
                                "(token ids, masks and other integer inputs are not supported)")
+    if float32_only and tensor.elem_type != TensorProto.FLOAT:
+        raise UnsupportedError(f"input {inputs[0].name!r} is {_FLOAT_TYPES[tensor.elem_type]}: {command} rewrites "
+                               "float32 graphs (it measures and verifies in float32); run it on the float32 model "
+                               "and convert the result to reduced precision afterwards")
     dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tensor.shape.dim[1:]]
     need = samples * math.prod(dims) * 4
     if need > MAX_SAMPLE_BYTES:

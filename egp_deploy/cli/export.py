@@ -16,7 +16,7 @@ import numpy as np
 import typer
 
 from egp_deploy.cli._common import Precision, console, new_app, run_app, stdout
-from egp_deploy.errors import BackendUnavailableError, DataError, NonFiniteError, UsageError
+from egp_deploy.errors import BackendUnavailableError, DataError, NonFiniteError, UsageError, first_words
 
 app = new_app(
     "Export a PyTorch model (egp-deploy checkpoint, TorchScript, torch.export .pt2, or with --unsafe-pickle a "
@@ -104,7 +104,7 @@ def _read_array_file(path: Path) -> np.ndarray:
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"{path} is not a readable .npy/.npz array ({type(e).__name__}: {str(e)[:120]})") from None
+        raise DataError(f"{path} is not a readable .npy/.npz array ({type(e).__name__}: {first_words(e, 120)})") from None
     if arr.ndim < 2:
         raise DataError(f"{path} must hold a batch of samples (N, ...), got shape {arr.shape}")
     return arr

@@ -10,7 +10,7 @@ import numpy as np
 import typer
 
 from egp_deploy.cli._common import console, new_app, run_app, stdout
-from egp_deploy.errors import DataError, InputFileError, UsageError
+from egp_deploy.errors import DataError, InputFileError, UsageError, first_words
 
 app = new_app(
     "Graph surgery on an ONNX model: fold BN/constants/identities, measure the graph's own activation "
@@ -30,8 +30,9 @@ def _load_model(path: Path):
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
         raise InputFileError(f"{path} is not a readable ONNX model ({type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else 'truncated or not protobuf'})") from None
-    except Exception as e:  # protobuf's C++ parser raises its own types
-        raise InputFileError(f"{path} is not a readable ONNX model ({type(e).__name__})") from None
+    except Exception as e:  # protobuf's C++ parser and onnx's checker raise their own types
+        reason = f": {first_words(e)}" if str(e).strip() else ""
+        raise InputFileError(f"{path} is not a readable ONNX model ({type(e).__name__}{reason})") from None
     if not model.graph.node:
         raise InputFileError(f"{path} is not an ONNX model (no graph nodes)")
     return model
@@ -119,7 +120,7 @@ def surgery(
     from egp_deploy.surgery.report import print_report, save_report_plot
 
     model = _load_model(input)
-    check.check_onnx_model_inputs(model, "egp-surgery", samples + held_out_samples)
+    check.check_onnx_model_inputs(model, "egp-surgery", samples + held_out_samples, float32_only=True)
     check.check_finite_weights(model)
     if calibration is None:
         console.print("[yellow]warning:[/] no --calibration given: using random normal inputs. Activation "
