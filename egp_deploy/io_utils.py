@@ -105,22 +105,43 @@ class AtomicFiles:
     def write_json(self, target: str | os.PathLike, obj: Any) -> Path:
         return self.write_bytes(target, _json_bytes(obj))
 
+    def commit(self) -> None:
+        """Rename every staged output into place (a rename is all that can still fail here, and it
+        does not fill a disk)."""
+        for tmp in self._staged.values():
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        for target, tmp in list(self._staged.items()):
+            os.replace(tmp, target)
+            del self._staged[target]
+
+    def discard(self) -> None:
+        for tmp in self._staged.values():
+            if tmp.exists():
+                tmp.unlink()
+        self._staged.clear()
+
 
 @contextlib.contextmanager
 def atomic_files() -> Iterator[AtomicFiles]:
     """Stage several outputs; rename them all into place only when the block succeeds, so a failed
-    command writes none of them (a rename is all that can still fail, and it does not fill a disk)."""
+    command writes none of them."""
     group = AtomicFiles()
     try:
         yield group
-        for target, tmp in group._staged.items():
-            os.chmod(tmp, 0o666 & ~_UMASK)
-        for target, tmp in group._staged.items():
-            os.replace(tmp, target)
+        group.commit()
     finally:
-        for tmp in group._staged.values():
-            if tmp.exists():
-                tmp.unlink()
+        group.discard()
+
+
+@contextlib.contextmanager
+def staged_files() -> Iterator[AtomicFiles]:
+    """Like :func:`atomic_files`, but nothing is committed unless ``commit()`` is called: what is
+    still staged when the block ends (an error, an early return) is discarded."""
+    group = AtomicFiles()
+    try:
+        yield group
+    finally:
+        group.discard()
 
 
 # ---------------------------------------------------------------- run folders

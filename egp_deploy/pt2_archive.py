@@ -28,7 +28,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from egp_deploy.errors import InputFileError, first_words
+from egp_deploy.errors import InputFileError
 
 UNSAFE_HINT = "loading it runs arbitrary code: pass --unsafe-pickle only if you trust its origin"
 
@@ -221,5 +221,5 @@ def load_exported_program(path: str | Path, unsafe: bool = False) -> Any:
     try:
         with _weights_only_torch_load():
             return torch.export.load(io.BytesIO(data))
-    except pickle.UnpicklingError as e:
-        raise _refuse(path, f"members hold pickled Python objects ({first_words(e, 120)})") from None
+    except pickle.UnpicklingError:
+        raise _refuse(path, "members hold pickled Python objects, not plain weights") from None

@@ -5,16 +5,27 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
+import signal
+import socket
+import warnings
 import zipfile
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
 
+from egp_deploy.cli._common import invoke
 from egp_deploy.errors import InputFileError
 from egp_deploy.pt2_archive import UNSAFE_HINT, is_safe_expression, load_exported_program
+from egp_deploy.validation import RANGES
 
 # ---------------------------------------------------------------- 1. a .pt2 cannot run code
 
@@ -168,8 +179,6 @@ def test_plain_pt2_still_loads_and_runs(plain_pt2):
 def test_egp_export_refuses_payload_pt2_with_one_line_exit_3(plain_pt2, tmp_path, capsys):
     from egp_deploy.cli import export as cli
 
-    from egp_deploy.cli._common import invoke
-
     marker = tmp_path / "PAYLOAD_RAN"
     evil = _rewrite(plain_pt2, tmp_path / "evil.pt2", lambda m: _sample_inputs(m, marker))
     out = tmp_path / "out.onnx"
@@ -197,17 +206,6 @@ def test_shape_expressions_that_reach_code_are_refused(text):
 
 # ---------------------------------------------------------------- shared: commands in-process
 
-import contextlib  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import warnings  # noqa: E402
-
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-
-from egp_deploy.cli._common import invoke  # noqa: E402
 
 COMMANDS = ("prune", "export", "surgery", "build", "bench", "check")
 
@@ -439,7 +437,7 @@ def test_atomic_files_commit_together_or_not_at_all(tmp_path):
     ("export", ["--export-tolerance", "nan"], "--export-tolerance"), ("export", ["--export-tolerance", "-1"], "(0, 1]"),
     ("export", ["--set", "min_held_out_agreement=2"], "[0, 1]"), ("export", ["--seed", "-1"], "--seed"),
     ("prune", ["--tolerance", "nan"], "[0, 100]"), ("prune", ["--epochs", "-1"], "--epochs"),
-    ("prune", ["--lr", "-1"], "(0, 1000]"), ("prune", ["--batch-size", "0"], "--batch-size"),
+    ("prune", ["--lr", "-1"], "> 0"), ("prune", ["--batch-size", "0"], "--batch-size"),
     ("prune", ["--calibration-batches", "0"], "--calibration-batches"), ("prune", ["--rate", "1"], "(0, 1)"),
     ("check", ["--budget-ms", "50", "--warmup-ms", "nan"], "--warmup-ms"),
     ("check", ["--budget-ms", "nan"], "--budget-ms"), ("bench", ["--iterations", "0"], "--iterations"),
@@ -664,10 +662,6 @@ def test_choices_match_the_library():
 
 # ---------------------------------------------------------------- fuzz: every numeric option of every command
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from egp_deploy.validation import RANGES  # noqa: E402
 
 
 class _ReachedTheWork(BaseException):
@@ -748,3 +742,30 @@ def test_fuzz_numeric_options(stage, tmp_path, monkeypatch, capsys):
     one_command_line()
     assert len(outcomes) >= 12 and set(outcomes) <= {0, 2}, outcomes
     assert 0 in outcomes and 2 in outcomes, outcomes  # both sides of the check were exercised
+
+
+def test_export_whose_surgery_fails_writes_none_of_its_outputs(workdir, capsys, monkeypatch):
+    import egp_deploy.surgery as surgery
+    from egp_deploy.errors import VerificationError
+
+    def refuse(*_a, **_k):
+        raise VerificationError("the surgered graph differs from the exported one")
+
+    monkeypatch.setattr(surgery, "optimize", refuse)
+    ckpt = _tiny_checkpoint(workdir / "m.pt")
+    np.save(workdir / "cal.npy", np.random.default_rng(0).standard_normal((8, 1, 32, 32)).astype(np.float32))
+    before = _files(workdir)
+    code, err, _ = run_cli("export", [ckpt, "-o", workdir / "m.egp.onnx", "--calibration", workdir / "cal.npy",
+                                      "--samples", "4"], capsys, timeout_s=120)
+    assert code == 7 and err[-1].startswith("error:"), err
+    assert _files(workdir) == before  # neither m.onnx nor m.egp.onnx, the report or a temp file
+
+
+@pytest.mark.parametrize("field,value", [("min_duration_s", float("nan")), ("min_duration_s", float("inf")),
+                                         ("warmup_ms", float("nan")), ("min_iterations", 0)])
+def test_library_bench_settings_refuse_what_would_never_end(field, value):
+    from egp_deploy.bench import BenchSettings
+    from egp_deploy.errors import UsageError
+
+    with pytest.raises(UsageError):
+        BenchSettings(**{field: value}).validate()

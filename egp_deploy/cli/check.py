@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -59,7 +58,6 @@ def check(
     }
     try:
         from egp_deploy.bench import BenchSettings, benchmark_models, percentile as pct
-        from egp_deploy.errors import UsageError
         from egp_deploy.runners import parse_shapes
 
         check_outputs([model], {"--json": json_arg})

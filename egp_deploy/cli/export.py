@@ -15,7 +15,7 @@ from typing import Any, Optional
 import numpy as np
 import typer
 
-from egp_deploy.cli._common import Precision, console, new_app, run_app, stdout
+from egp_deploy.cli._common import Precision, console, hold, new_app, run_app, stdout
 from egp_deploy.errors import BackendUnavailableError, DataError, NonFiniteError, UsageError, first_words
 
 app = new_app(
@@ -249,8 +249,10 @@ def export(
     from egp_deploy.export import (
         check_output_path, detect_kind, export_model, load_source, parse_input_shape, read_metadata,
     )
-    from egp_deploy.io_utils import write_bytes_atomic, write_json_atomic
+    from egp_deploy.io_utils import staged_files
     from egp_deploy.onnx_metrics import graph_metrics
+
+    outputs = hold(staged_files())  # every output is committed at the end together, or none
 
     torch.set_num_threads(threads)
     surgery = not no_surgery
@@ -327,8 +329,7 @@ def export(
     if surgery:
         if sample_shape is None:  # a .pt2 without a readable input spec: known only after export
             calib, held, desc = load_calibration(calibration, None, tuple(res.input_shape[1:]), samples, seed)
-        # the exported graph is complete and verified: keep it even if the surgery refuses its result
-        write_bytes_atomic(paths["exported"], exported_bytes)
+        outputs.write_bytes(paths["exported"], exported_bytes)
         t0 = time.perf_counter()
         result = optimize(res.model, calib, held, options)
         seconds["surgery"] = time.perf_counter() - t0
@@ -337,7 +338,7 @@ def export(
         out["calibration"] = desc
         out["metrics_surgered"] = after
         out["surgered"] = str(paths["surgered"])
-        write_bytes_atomic(paths["surgered"], result.model.SerializeToString())
+        outputs.write_bytes(paths["surgered"], result.model.SerializeToString())
         try:
             from egp_deploy.surgery.report import print_report, save_report_plot
         except ImportError:
@@ -346,17 +347,19 @@ def export(
             print_report(result.report)
             printed_table = True
         if plot and save_report_plot is not None:
-            save_report_plot(result.report, paths["plot"])
+            save_report_plot(result.report, outputs.path(paths["plot"]))
             out["plot"] = str(paths["plot"])
     else:
-        write_bytes_atomic(paths["exported"], exported_bytes)
+        outputs.write_bytes(paths["exported"], exported_bytes)
 
     if build:
+        outputs.commit()  # the engine is built from the file
         target = paths["surgered"] if surgery else paths["exported"]
         out["build"] = _try_build(target, precision, notes)
     seconds["total"] = time.perf_counter() - t_all
     out["seconds"] = seconds
-    write_json_atomic(paths["report"], out)
+    outputs.write_json(paths["report"], out)
+    outputs.commit()
 
     if not printed_table:
         title = f"{model.name}: exported vs surgered" if surgery else f"{model.name}: exported graph"

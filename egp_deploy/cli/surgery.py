@@ -10,7 +10,7 @@ import numpy as np
 import typer
 
 from egp_deploy.cli._common import console, new_app, run_app, stdout
-from egp_deploy.errors import DataError, InputFileError, UsageError, first_words
+from egp_deploy.errors import DataError, InputFileError, first_words
 
 app = new_app(
     "Graph surgery on an ONNX model: fold BN/constants/identities, measure the graph's own activation "
