@@ -526,6 +526,29 @@ def test_temp_files_of_a_killed_write_are_removed_by_the_next_write(tmp_path):
     assert (tmp_path / "out.onnx").read_bytes() == b"model"
 
 
+def test_kill_9_mid_write_leaves_a_temp_that_the_next_write_removes(tmp_path):
+    import subprocess
+    import sys
+
+    writer = ("import sys, time\nfrom egp_deploy.io_utils import atomic_path\n"
+              "with atomic_path(sys.argv[1]) as tmp:\n    tmp.write_bytes(b'half')\n"
+              "    print('writing', flush=True)\n    time.sleep(120)\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
+    proc = subprocess.Popen([sys.executable, "-c", writer, str(tmp_path / "out.onnx")], stdout=subprocess.PIPE,
+                            env=env, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.kill()  # SIGKILL: no finally block, no cleanup in the writer
+        proc.wait(timeout=30)
+    left = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(left) == 1 and left[0].name.startswith(".out.onnx.")
+    from egp_deploy.io_utils import write_bytes_atomic
+
+    write_bytes_atomic(tmp_path / "out.onnx", b"model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]
+
+
 def test_resume_into_a_run_folder_removes_its_stale_temps(tmp_path):
     from egp_deploy.io_utils import run_folder
     from egp_deploy.validation import PRUNE_RUN_FILES
