@@ -128,7 +128,7 @@ class EgpTyper(typer.Typer):
 
         def decorator(func: Callable[..., Any]) -> Callable[..., Any]:
             doc = (func.__doc__ or "").strip()
-            text = self._help_text + ("\n\n" + "\n\n".join(p.replace("\n", " ") for p in _paragraphs(doc)) if doc else "")
+            text = "\n\n".join([self._help_text, *_paragraphs(doc)])
             kwargs.setdefault("help", text)
             kwargs.setdefault("epilog", self._epilog)
             kwargs.setdefault("no_args_is_help", True)
@@ -156,26 +156,29 @@ def new_app(help_text: str, epilog: str = EXIT_CODES_HELP) -> typer.Typer:
 # ---------------------------------------------------------------- running it
 
 
+_VERBOSE_HANDLER = "_egp_verbose"
+
+
 def _configure_logging(verbose: bool) -> None:
-    """Library warnings and log records: on stderr with --verbose (or EGP_DEBUG), else kept in the
-    'egp_deploy' log without a handler, so nothing lands in front of a one-line error."""
+    """Library warnings (captured from the warnings module) and log records: printed on stderr with
+    --verbose (or EGP_DEBUG=1), dropped otherwise, so nothing lands in front of a one-line error."""
     logging.captureWarnings(True)
-    level = logging.DEBUG if verbose else logging.ERROR
     for name in _LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING if verbose else logging.CRITICAL)
-    log.setLevel(level)
-    root_handlers = [h for h in logging.getLogger().handlers if getattr(h, "_egp", False)]
-    if verbose and not root_handlers:
+    log.setLevel(logging.DEBUG if verbose else logging.ERROR)
+    root = logging.getLogger()
+    if verbose and not any(getattr(h, _VERBOSE_HANDLER, False) for h in root.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        handler._egp = True  # type: ignore[attr-defined]
-        logging.getLogger().addHandler(handler)
+        setattr(handler, _VERBOSE_HANDLER, True)
+        root.addHandler(handler)
     if verbose:
         warnings.simplefilter("default")
 
 
 @contextlib.contextmanager
 def _quiet_libraries() -> Iterator[None]:
+    """The logging/warnings set-up of one command, undone afterwards (commands also run in-process)."""
     saved = {name: logging.getLogger(name).level for name in (*_LIBRARY_LOGGERS, "egp_deploy")}
     with warnings.catch_warnings():
         _configure_logging(verbose=bool(os.environ.get("EGP_DEBUG")))
@@ -185,6 +188,9 @@ def _quiet_libraries() -> Iterator[None]:
             logging.captureWarnings(False)
             for name, level in saved.items():
                 logging.getLogger(name).setLevel(level)
+            root = logging.getLogger()
+            for handler in [h for h in root.handlers if getattr(h, _VERBOSE_HANDLER, False)]:
+                root.removeHandler(handler)
 
 
 def hold(resource: Any) -> Any:
