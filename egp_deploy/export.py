@@ -46,6 +46,7 @@ OUTPUT_NAME = "logits"
 LEGACY_OPSET = 17
 DYNAMO_OPSET = 18  # the dynamo exporter implements >= 18; converting down fails on Reduce* axes
 MAX_SINGLE_FILE_BYTES = 2**31 - 1  # protobuf's limit: beyond it ONNX needs external data
+MAX_EXAMPLE_BYTES = 8 << 30  # an export example beyond this is a typo in --input-shape, not a model
 METADATA_PREFIX = "egp."
 
 
@@ -310,6 +311,10 @@ def export_model(
                              f"was exported with ({','.join(map(str, source.input_shape))})")
     timings: dict[str, float] = {}
     generator = torch.Generator().manual_seed(seed)
+    need = batch_size * math.prod(sample) * 4 * 3  # the example, PyTorch's output and onnxruntime's copy
+    if need > MAX_EXAMPLE_BYTES:
+        raise UnsupportedError(f"a batch of {batch_size} inputs of shape {tuple(sample)} needs {need / 2**30:.0f} GiB "
+                               f"(limit {MAX_EXAMPLE_BYTES >> 30} GiB): check --input-shape and --batch-size")
     example = torch.randn((batch_size, *sample), generator=generator)
 
     t0 = time.perf_counter()

@@ -482,6 +482,13 @@ def test_an_input_too_large_to_allocate_is_refused_before_allocating(workdir, ca
     _one_error_line(code, err, 8, "GiB", "--samples")
 
 
+def test_an_export_shape_too_large_to_allocate_is_refused_before_allocating(workdir, capsys):
+    ckpt = _tiny_checkpoint(workdir / "m.pt")
+    code, err, _ = run_cli("export", [ckpt, "-o", workdir / "m.onnx", "--no-surgery", "--input-shape", "1,100000,100000"],
+                           capsys)
+    _one_error_line(code, err, 8, "GiB", "--input-shape")
+
+
 # ---------------------------------------------------------------- 9. argument errors: one line
 
 
