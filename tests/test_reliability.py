@@ -799,3 +799,16 @@ def test_library_bench_settings_refuse_what_would_never_end(field, value):
 
     with pytest.raises(UsageError):
         BenchSettings(**{field: value}).validate()
+
+
+def test_check_writes_its_json_when_interrupted(workdir, capsys, monkeypatch):
+    import egp_deploy.bench as bench
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "benchmark_models", interrupted)
+    model = _tiny_onnx(workdir / "m.onnx")
+    code, err, _ = run_cli("check", [model, "--budget-ms", "5", "--json", workdir / "r.json"], capsys)
+    _one_error_line(code, err, 130, "interrupted")
+    assert json.loads((workdir / "r.json").read_text())["exit_code"] == 130

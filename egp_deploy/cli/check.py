@@ -9,14 +9,14 @@ import typer
 
 from egp_deploy.cli._common import Backend, Precision, console, new_app, run_app, stdout
 
-EXIT_PASS, EXIT_OVER, EXIT_UNMEASURED = 0, 1, 2
+EXIT_PASS, EXIT_OVER, EXIT_UNMEASURED, EXIT_INTERRUPTED = 0, 1, 2, 130
 SCHEMA = "egp-deploy-check/1"
 
 app = new_app(
     "Latency gate for CI and edge devices: measure MODEL (trtexec conventions, see egp-bench) and "
     "compare the --percentile latency with --budget-ms. --json gets the verdict on every exit path.",
     epilog="Exit codes: 0 within budget, 1 over budget, 2 could not measure (bad command line, bad input, "
-           "missing backend, no GPU, ...), saying which.",
+           "missing backend, no GPU, ...), saying which, 130 interrupted. --json is written in every case.",
 )
 
 
@@ -83,6 +83,9 @@ def check(
             iterations=entry["iterations"], cv=entry["cv"], noisy=entry["noisy"], inputs=entry["inputs"],
             settings=bench["settings"], environment=bench["environment"], warnings=bench["warnings"],
         )
+    except KeyboardInterrupt:  # the JSON is written on this exit path too
+        code, message = EXIT_INTERRUPTED, "could not measure: interrupted"
+        report.update(verdict="could_not_measure", exit_code=code, error="KeyboardInterrupt", message=message)
     except Exception as e:  # noqa: BLE001 - ANY failure means "could not measure" (exit 2), never 1
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         kind = type(e).__name__
@@ -98,7 +101,7 @@ def check(
             raise typer.Exit(EXIT_UNMEASURED) from None
     from rich.markup import escape
 
-    if code == EXIT_UNMEASURED:
+    if code in (EXIT_UNMEASURED, EXIT_INTERRUPTED):
         console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     else:
         stdout.print(escape(message), soft_wrap=True)
