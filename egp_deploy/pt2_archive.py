@@ -52,7 +52,9 @@ _SAFE_TARGET = re.compile(
 _REFUSED_OPS = re.compile(r"^torch\.ops\.aten\.(from_file|_python_|save)")  # touch files, not tensors
 
 # names a shape expression or guard may use: sympy's shape functions and torch's symbol names
-_SAFE_FUNCTIONS = {
+_SAFE_FUNCTIONS = {  # sympy's constructors (as srepr writes them) and torch's shape functions
+    "Add", "Mul", "Pow", "Equality", "Unequality", "StrictLessThan", "StrictGreaterThan", "LessThan",
+    "GreaterThan", "Xor", "ExprCondPair", "Tuple", "sign", "Infinity", "NegativeInfinity",
     "Symbol", "Integer", "Float", "Rational", "Max", "Min", "Eq", "Ne", "Ge", "Gt", "Le", "Lt", "And", "Or",
     "Not", "Abs", "floor", "ceiling", "Mod", "Piecewise", "ITE", "sqrt", "FloorDiv", "ModularIndexing",
     "Where", "PythonMod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv", "LShift", "RShift",
@@ -136,10 +138,10 @@ def _check_program(path: Path, member: str, program: Any) -> None:
         expr = entry.get("expr_str")
         if expr is not None and not is_safe_expression(expr):
             raise _refuse(path, f"shape expression {str(expr)[:80]!r} is more than arithmetic")
-        target = entry.get("target")
-        if isinstance(target, str) and "inputs" in entry and "outputs" in entry:
-            if not _SAFE_TARGET.match(target) or _REFUSED_OPS.match(target):
-                raise _refuse(path, f"graph calls {target[:80]!r}, which is not a tensor operator")
+        target = entry.get("target") if "inputs" in entry and "outputs" in entry else None
+        for name in (target, entry.get("as_operator")):  # a node's call, or an operator passed as an argument
+            if isinstance(name, str) and (not _SAFE_TARGET.match(name) or _REFUSED_OPS.match(name)):
+                raise _refuse(path, f"graph calls {name[:80]!r}, which is not a tensor operator")
 
 
 def _check_payload_config(path: Path, member: str, config: Any) -> None:

@@ -135,6 +135,12 @@ def _graph_target(m, marker):
     m["models/model.json"] = json.dumps(program).encode()
 
 
+def _operator_argument(m, marker):
+    program = json.loads(m["models/model.json"])
+    program["graph_module"]["graph"]["nodes"][0]["inputs"][0]["arg"] = {"as_operator": "_operator.methodcaller"}
+    m["models/model.json"] = json.dumps(program).encode()
+
+
 def _compiled_code(m, marker):
     m["data/aotinductor/model/model.so"] = b"\x7fELF"
 
@@ -143,7 +149,7 @@ PAYLOADS = {
     "sample_inputs": _sample_inputs, "pickled weight": _pickled_weight, "pickled constant": _pickled_constant,
     "opaque object": _opaque_constant, "custom object": _custom_constant, "legacy weights": _legacy_weights,
     "legacy constants": _legacy_constants, "guard code": _guard_code, "shape expression": _shape_expression,
-    "graph target": _graph_target, "compiled code": _compiled_code,
+    "graph target": _graph_target, "operator argument": _operator_argument, "compiled code": _compiled_code,
 }
 
 
@@ -190,7 +196,7 @@ def test_egp_export_refuses_payload_pt2_with_one_line_exit_3(plain_pt2, tmp_path
 
 @pytest.mark.parametrize("text", [
     "Symbol('s77', positive=True, integer=True)", "2*s0 + 1", "Max(1, s0)", "Eq(Mod(s0, 2), 0)",
-    "L['x'].size()[0] <= 1024", "FloorDiv(s1, 4) >= 2",
+    "L['x'].size()[0] <= 1024", "FloorDiv(s1, 4) >= 2", "Mul(Integer(65), Symbol('s77', positive=True, integer=True))",
 ])
 def test_shape_expressions_torch_writes_are_accepted(text):
     assert is_safe_expression(text)
@@ -812,3 +818,17 @@ def test_check_writes_its_json_when_interrupted(workdir, capsys, monkeypatch):
     code, err, _ = run_cli("check", [model, "--budget-ms", "5", "--json", workdir / "r.json"], capsys)
     _one_error_line(code, err, 130, "interrupted")
     assert json.loads((workdir / "r.json").read_text())["exit_code"] == 130
+
+
+@pytest.mark.parametrize("arch,kwargs", [("vit_tiny", {}), ("resnet18", {"width": 4})])
+def test_bundled_architectures_as_dynamic_pt2_are_not_refused(arch, kwargs, tmp_path):
+    # a dynamic batch makes torch write shape expressions (sympy srepr): they must pass the check
+    from egp_deploy.archs import create_model
+
+    model = create_model(arch, num_classes=10, in_channels=1, **kwargs).eval()
+    x = torch.randn(2, 1, 32, 32)
+    name = next(iter(__import__("inspect").signature(model.forward).parameters))
+    ep = torch.export.export(model, (x,), dynamic_shapes={name: {0: torch.export.Dim("batch", min=1, max=64)}})
+    torch.export.save(ep, tmp_path / "m.pt2")
+    loaded = load_exported_program(tmp_path / "m.pt2")
+    torch.testing.assert_close(loaded.module()(x), ep.module()(x))
