@@ -19,7 +19,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -248,11 +248,11 @@ def is_main_process() -> bool:
 
 @contextlib.contextmanager
 def run_folder(folder: str | os.PathLike, *, resume: bool, force: bool, command: str,
-               run_files: str) -> Iterator[Path]:
+               run_files: str, keep: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Own ``folder`` for one run: locked against a second run (:func:`folder_lock`), temp files of
     interrupted writes removed, and a previous run in it (files matching the regex ``run_files``)
     never silently replaced: it is continued with ``resume``, deleted first with ``force``, and
-    refused otherwise (UsageError, exit 2)."""
+    refused otherwise (UsageError, exit 2). Files in ``keep`` (the run's own input) are never deleted."""
     from egp_deploy.errors import UsageError
 
     folder = Path(folder)
@@ -264,6 +264,8 @@ def run_folder(folder: str | os.PathLike, *, resume: bool, force: bool, command:
                 shown = ", ".join(previous[:4]) + (", ..." if len(previous) > 4 else "")
                 raise UsageError(f"{folder} already holds a run ({shown}): pass --resume to continue it, "
                                  "--force to replace it, or choose another output folder")
+            kept = {Path(p).resolve() for p in keep}
             for name in previous:
-                (folder / name).unlink()
+                if (folder / name).resolve() not in kept:
+                    (folder / name).unlink()
         yield folder

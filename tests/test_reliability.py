@@ -381,8 +381,10 @@ def test_force_replaces_the_previous_run_and_resume_keeps_it(tmp_path):
     (tmp_path / "notes.txt").write_text("the user's own file")
     with run_folder(tmp_path, resume=True, force=False, command="t", run_files=PRUNE_RUN_FILES):
         assert (tmp_path / "iter_03.pt").exists()
-    with run_folder(tmp_path, resume=False, force=True, command="t", run_files=PRUNE_RUN_FILES):
-        assert sorted(p.name for p in tmp_path.iterdir()) == [".egp-lock", "notes.txt"]
+    (tmp_path / "dense.pt").write_bytes(b"the run's source")
+    with run_folder(tmp_path, resume=False, force=True, command="t", run_files=PRUNE_RUN_FILES,
+                    keep=[tmp_path / "dense.pt"]):
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".egp-lock", "dense.pt", "notes.txt"]
 
 
 # ---------------------------------------------------------------- 6. unwritable outputs fail first

@@ -77,7 +77,8 @@ def prune(
     validate_options("prune", locals())
     check_prune_paths(source, out)
     if is_main_process():  # the folder is rank 0's: it writes every file of the run
-        hold(run_folder(out, resume=resume, force=force, command="egp-prune", run_files=PRUNE_RUN_FILES))
+        hold(run_folder(out, resume=resume, force=force, command="egp-prune", run_files=PRUNE_RUN_FILES,
+                        keep=[source] if Path(source).is_file() else []))
     import torch
 
     from egp_deploy.archs import create_model, list_archs
