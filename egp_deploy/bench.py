@@ -44,14 +44,12 @@ class BenchSettings:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.warmup_ms < 0 or self.min_duration_s < 0:
-            raise UsageError("--warmup-ms and --duration must be >= 0")
-        if self.min_iterations < 1:
-            raise UsageError("--iterations must be >= 1")
-        if self.batch is not None and self.batch < 1:
-            raise UsageError("--batch must be >= 1")
-        if self.threads is not None and self.threads < 1:
-            raise UsageError("--threads must be >= 1")
+        """The command line's ranges (egp_deploy.validation): NaN/Inf durations would never end."""
+        from egp_deploy.validation import validate_options
+
+        validate_options("bench", {"warmup_ms": self.warmup_ms, "iterations": self.min_iterations,
+                                   "duration": self.min_duration_s, "batch": self.batch, "threads": self.threads,
+                                   "seed": self.seed})
         if self.precision not in ("fp32", "fp16"):
             raise UsageError(f"--precision {self.precision!r}: choose fp32 or fp16")
 

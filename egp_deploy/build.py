@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from egp_deploy.errors import BackendUnavailableError, InputFileError, UnsupportedError, UsageError
-from egp_deploy.io_utils import sha256_file, write_bytes_atomic, write_json_atomic
+from egp_deploy.errors import BackendUnavailableError, InputFileError, UnsupportedError, UsageError, first_words
+from egp_deploy.io_utils import atomic_files, sha256_file
 from egp_deploy.runners.base import ShapeTriple
 
 SIDECAR_FORMAT = "egp-deploy-engine"
@@ -312,7 +312,7 @@ def build_engine(
     if not parser.parse_from_file(str(onnx_path)):
         errs = [str(parser.get_error(i)) for i in range(parser.num_errors)] or logger.errors
         first = errs[0].strip().splitlines()[0] if errs else "unknown parser error"
-        raise UnsupportedError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {first[:200]}")
+        raise UnsupportedError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {first_words(first)}")
 
     config = builder.create_builder_config()
     if workspace_mib:
@@ -335,11 +335,8 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         first = logger.errors[0].splitlines()[0] if logger.errors else "see TensorRT's log"
-        raise UnsupportedError(f"TensorRT could not build {onnx_path.name}: {first[:200]}")
+        raise UnsupportedError(f"TensorRT could not build {onnx_path.name}: {first_words(first)}")
     engine_bytes = bytes(serialized)
-    write_bytes_atomic(engine_path, engine_bytes)
-    if cache_path:
-        write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
 
     layers: list[Any] = []
     lpath = layers_path(engine_path) if write_layers else None
@@ -348,7 +345,6 @@ def build_engine(
         engine = runtime.deserialize_cuda_engine(engine_bytes)
         info = json.loads(engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON))
         layers = info.get("Layers", []) if isinstance(info, dict) else info
-        write_json_atomic(lpath, {"engine": engine_path.name, "num_layers": len(layers), "layers": layers})
 
     import hashlib
 
@@ -357,5 +353,12 @@ def build_engine(
         onnx_sha256=sha256_file(onnx_path), engine_sha256=hashlib.sha256(engine_bytes).hexdigest(),
         profiles=profiles, strongly_typed=strongly_typed, workspace_mib=workspace_mib,
     )
-    spath = write_json_atomic(sidecar_path(engine_path), sidecar)
+    spath = sidecar_path(engine_path)
+    with atomic_files() as outputs:  # engine, sidecar, layer list and cache appear together or not at all
+        outputs.write_bytes(engine_path, engine_bytes)
+        if cache_path:
+            outputs.write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
+        if lpath:
+            outputs.write_json(lpath, {"engine": engine_path.name, "num_layers": len(layers), "layers": layers})
+        outputs.write_json(spath, sidecar)
     return BuildResult(engine_path, spath, lpath, sidecar, layers)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from egp_deploy.archs import create_model
-from egp_deploy.errors import InputFileError
+from egp_deploy.errors import InputFileError, first_words
 from egp_deploy.io_utils import atomic_path
 
 FORMAT = "egp-deploy-checkpoint"
@@ -102,7 +102,7 @@ def load_checkpoint(path: str | Path, expected_arch: str | None = None) -> Check
     except Exception as e:  # torch.load on a foreign file can raise nearly anything (KeyError, EOFError...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputFileError(
-            f"{path} is not a readable egp-deploy checkpoint ({msg[:160]}); TorchScript/.pt2/pickled "
+            f"{path} is not a readable egp-deploy checkpoint ({first_words(msg, 160)}); TorchScript/.pt2/pickled "
             "modules are accepted by egp-export only"
         ) from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:

@@ -5,7 +5,29 @@ Exit codes: 0 ok, 1 internal error (a bug: rerun with EGP_DEBUG=1 for the traceb
 2 bad command line, 3 bad input file, 4 bad data, 5 missing backend, 6 non-finite numbers,
 7 verification failed, 8 unsupported model/op, 130 interrupted.
 ``egp-check`` is the exception: 0 within budget, 1 over budget, 2 for anything it could not measure.
+The same cause gets the same code from every command (a 2-input model is 8 everywhere, a NaN
+weight or output 6, a missing or unreadable file 3, bad calibration/held-out data 4, ...).
 """
+
+EXIT_CODES = {
+    0: "ok", 1: "internal error (a bug: rerun with EGP_DEBUG=1 for the traceback)", 2: "bad command line",
+    3: "bad input file", 4: "bad data", 5: "missing backend", 6: "non-finite numbers (NaN/Inf)",
+    7: "verification failed", 8: "unsupported model or op", 130: "interrupted",
+}
+
+
+def first_words(text: object, limit: int = 200) -> str:
+    """The first line of a library's message, cut at a word boundary (with ' ...') beyond ``limit``
+    characters: one line that never stops mid-word."""
+    line = (str(text).strip().splitlines() or [""])[0].strip()
+    if len(line) <= limit:
+        return line
+    head = line[:limit]
+    cut = head.rsplit(" ", 1)[0] if " " in head[limit // 2:] else head
+    return cut.rstrip(",;:") + " ..."
+
+
+EXIT_CODES_HELP = "Exit codes: " + ", ".join(f"{code} {what}" for code, what in EXIT_CODES.items()) + "."
 
 
 class EgpError(Exception):

@@ -36,6 +36,7 @@ import torch.nn as nn
 from egp_deploy import __version__
 from egp_deploy.errors import (
     BackendUnavailableError, InputFileError, NonFiniteError, UnsupportedError, UsageError, VerificationError,
+    first_words,
 )
 from egp_deploy.io_utils import sha256_file, write_bytes_atomic
 
@@ -45,6 +46,7 @@ OUTPUT_NAME = "logits"
 LEGACY_OPSET = 17
 DYNAMO_OPSET = 18  # the dynamo exporter implements >= 18; converting down fails on Reduce* axes
 MAX_SINGLE_FILE_BYTES = 2**31 - 1  # protobuf's limit: beyond it ONNX needs external data
+MAX_EXAMPLE_BYTES = 8 << 30  # an export example beyond this is a typo in --input-shape, not a model
 METADATA_PREFIX = "egp."
 
 
@@ -92,8 +94,7 @@ class ExportResult:
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+    return first_words(e, limit) if str(e).strip() else type(e).__name__
 
 
 def detect_kind(path: str | os.PathLike) -> str:
@@ -157,9 +158,13 @@ def load_source(path: str | os.PathLike, unsafe_pickle: bool = False) -> SourceM
             raise InputFileError(f"{path} is a damaged TorchScript archive ({_first_line(e)})") from None
         return SourceModel("torchscript", path, digest, module, arch=_class_name(module))
     if kind == "exported":
+        from egp_deploy.pt2_archive import load_exported_program
+
         try:
             with _quiet():
-                ep = torch.export.load(str(path))
+                ep = load_exported_program(path, unsafe=unsafe_pickle)
+        except InputFileError:
+            raise
         except Exception as e:
             raise InputFileError(f"{path} is a damaged torch.export archive ({_first_line(e)})") from None
         shape, dynamic = _exported_input_shape(ep)
@@ -291,6 +296,9 @@ def export_model(
         raise UsageError(f"exporter must be auto, legacy or dynamo, got {exporter!r}")
     if batch_size < 1:
         raise UsageError(f"batch size must be >= 1, got {batch_size}")
+    names = input_names(source)
+    if names is not None and len(names) != 1:  # exit 8, as from every command (egp-surgery, ...)
+        raise UnsupportedError(f"the model takes {len(names)} inputs ({', '.join(names)}); egp-export supports exactly one")
     sample = tuple(input_shape) if input_shape else source.input_shape
     if sample is None:
         raise UsageError(f"the input shape of a {source.kind} model is not recorded in {source.path.name}: "
@@ -303,6 +311,10 @@ def export_model(
                              f"was exported with ({','.join(map(str, source.input_shape))})")
     timings: dict[str, float] = {}
     generator = torch.Generator().manual_seed(seed)
+    need = batch_size * math.prod(sample) * 4 * 3  # the example, PyTorch's output and onnxruntime's copy
+    if need > MAX_EXAMPLE_BYTES:
+        raise UnsupportedError(f"a batch of {batch_size} inputs of shape {tuple(sample)} needs {need / 2**30:.0f} GiB "
+                               f"(limit {MAX_EXAMPLE_BYTES >> 30} GiB): check --input-shape and --batch-size")
     example = torch.randn((batch_size, *sample), generator=generator)
 
     t0 = time.perf_counter()
@@ -354,6 +366,25 @@ def _flatten_outputs(out: Any) -> list[torch.Tensor]:
             flat += _flatten_outputs(o)
         return flat
     raise UnsupportedError(f"the model returns a {type(out).__name__}; only tensors (or tuples of them) export")
+
+
+def input_names(source: SourceModel) -> list[str] | None:
+    """Names of the tensors the model's forward takes (None when they cannot be read)."""
+    import inspect
+
+    if source.kind == "exported":
+        return [s.arg.name for s in source.module.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    if source.kind == "torchscript":
+        try:
+            return [a.name for a in source.module.forward.schema.arguments[1:]]
+        except (AttributeError, RuntimeError):
+            return None
+    try:
+        params = inspect.signature(source.module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return [p.name for p in params if p.default is inspect.Parameter.empty
+            and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
 
 
 def _run_torch(source: SourceModel, x: torch.Tensor) -> list[np.ndarray]:
@@ -647,11 +678,11 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
 
 
 def check_output_path(source_path: str | os.PathLike, out_path: str | os.PathLike) -> None:
-    src, out = Path(source_path).resolve(), Path(out_path).resolve()
-    if src == out:
-        raise UsageError(f"output path {out_path} is the input file; choose another -o")
-    if out.is_dir():
-        raise UsageError(f"output path {out_path} is a folder")
+    """Before any work: ``out_path`` is not the source (symlinks and hard links resolved), not a
+    folder, and can be written (its nearest existing parent is a writable folder)."""
+    from egp_deploy.validation import check_outputs
+
+    check_outputs([source_path], {"output path": out_path})
 
 
 def export_file(

@@ -1,5 +1,11 @@
 """Atomic writers: every output goes to a temp file in the same folder and is renamed into place,
-so a crash or an exception never leaves a half-written model, engine or report."""
+so a crash or an exception never leaves a half-written model, engine or report.
+
+Temp files are named ``.NAME.HOST-PID.XXXX.tmp``: a process killed mid-write (kill -9) leaves one
+behind, and the next write into that place removes the ones whose process is gone
+(:func:`remove_stale_temps`). :func:`atomic_files` commits several outputs together (all renamed at
+the end, none on failure); :func:`folder_lock` keeps a second run out of a run folder.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +14,58 @@ import hashlib
 import json
 import math
 import os
+import re
+import socket
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+_HOST = socket.gethostname().replace("/", "_")
+_TEMP_TAG = re.compile(r"\.(?P<host>[^/]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove temp files of interrupted writes in ``folder`` (those of ``name`` only, if given) whose
+    writer is gone: tagged with this host and a dead pid, or untagged (older egp-deploy versions).
+    Temps of live processes and of other hosts are kept. Returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if not (entry.name.startswith(f".{name}." if name else ".") and entry.name.endswith(".tmp")) \
+                or not entry.is_file():
+            continue
+        tag = _TEMP_TAG.search(entry.name)
+        if tag is not None:
+            this_host = tag["host"] == _HOST or tag["host"].endswith("." + _HOST)
+            if not this_host or _pid_alive(int(tag["pid"])):
+                continue
+        with contextlib.suppress(OSError):
+            entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+def _temp_beside(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
 
 
 @contextlib.contextmanager
@@ -21,9 +73,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    remove_stale_temps(path.parent, path.name)
+    tmp_path = _temp_beside(path)
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should look like any file
@@ -31,6 +82,120 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+class AtomicFiles:
+    """Outputs staged by :func:`atomic_files`: ``path(target)`` gives the temp to write."""
+
+    def __init__(self) -> None:
+        self._staged: dict[Path, Path] = {}
+
+    def path(self, target: str | os.PathLike) -> Path:
+        target = Path(target)
+        if target not in self._staged:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(target.parent, target.name)
+            self._staged[target] = _temp_beside(target)
+        return self._staged[target]
+
+    def write_bytes(self, target: str | os.PathLike, data: bytes) -> Path:
+        self.path(target).write_bytes(data)
+        return Path(target)
+
+    def write_json(self, target: str | os.PathLike, obj: Any) -> Path:
+        return self.write_bytes(target, _json_bytes(obj))
+
+    def commit(self) -> None:
+        """Rename every staged output into place (a rename is all that can still fail here, and it
+        does not fill a disk)."""
+        for tmp in self._staged.values():
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        for target, tmp in list(self._staged.items()):
+            os.replace(tmp, target)
+            del self._staged[target]
+
+    def discard(self) -> None:
+        for tmp in self._staged.values():
+            if tmp.exists():
+                tmp.unlink()
+        self._staged.clear()
+
+
+@contextlib.contextmanager
+def atomic_files() -> Iterator[AtomicFiles]:
+    """Stage several outputs; rename them all into place only when the block succeeds, so a failed
+    command writes none of them."""
+    group = AtomicFiles()
+    try:
+        yield group
+        group.commit()
+    finally:
+        group.discard()
+
+
+@contextlib.contextmanager
+def staged_files() -> Iterator[AtomicFiles]:
+    """Like :func:`atomic_files`, but nothing is committed unless ``commit()`` is called: what is
+    still staged when the block ends (an error, an early return) is discarded."""
+    group = AtomicFiles()
+    try:
+        yield group
+    finally:
+        group.discard()
+
+
+# ---------------------------------------------------------------- run folders
+
+LOCK_NAME = ".egp-lock"
+
+
+def _lock_holder(lock: Path) -> dict[str, Any]:
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, command: str = "egp-deploy") -> Iterator[Path]:
+    """Hold ``folder/.egp-lock`` for the block: a second run into the same folder is refused with the
+    holder (command, pid, host, start time) named. A lock left by a dead process on this host is
+    taken over; one from another host is honoured (remove it by hand if that host is gone)."""
+    from egp_deploy.errors import UsageError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_NAME
+    me = {"command": command, "pid": os.getpid(), "host": _HOST, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            pid = holder.get("pid")
+            if holder.get("host") == _HOST and isinstance(pid, int) and not _pid_alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()  # stale: its process is gone
+                continue
+            if not holder:  # being written right now, or damaged: give the writer a moment
+                time.sleep(0.05)
+                holder = _lock_holder(lock)
+            raise UsageError(
+                f"{folder} is in use by another run ({holder.get('command', 'unknown command')}, pid "
+                f"{holder.get('pid', '?')} on host {holder.get('host', '?')} since {holder.get('started', '?')}); "
+                f"wait for it to finish or choose another output folder (if no run is using it, delete {lock})"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        break
+    else:
+        raise UsageError(f"cannot take the lock {lock}; remove it if no run is using {folder}")
+    try:
+        yield lock
+    finally:
+        if _lock_holder(lock).get("pid") == os.getpid():
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -59,9 +224,13 @@ def _finite_or_none(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+def _json_bytes(obj: Any) -> bytes:
     text = json.dumps(_finite_or_none(json.loads(json.dumps(obj, default=_json_default))), indent=2)
-    return write_bytes_atomic(path, (text + "\n").encode())
+    return (text + "\n").encode()
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    return write_bytes_atomic(path, _json_bytes(obj))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -70,3 +239,33 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun (or no torchrun): the process that owns a run folder."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+@contextlib.contextmanager
+def run_folder(folder: str | os.PathLike, *, resume: bool, force: bool, command: str,
+               run_files: str, keep: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
+    """Own ``folder`` for one run: locked against a second run (:func:`folder_lock`), temp files of
+    interrupted writes removed, and a previous run in it (files matching the regex ``run_files``)
+    never silently replaced: it is continued with ``resume``, deleted first with ``force``, and
+    refused otherwise (UsageError, exit 2). Files in ``keep`` (the run's own input) are never deleted."""
+    from egp_deploy.errors import UsageError
+
+    folder = Path(folder)
+    with folder_lock(folder, command):
+        remove_stale_temps(folder)
+        previous = sorted(p.name for p in folder.iterdir() if re.fullmatch(run_files, p.name))
+        if previous and not resume:
+            if not force:
+                shown = ", ".join(previous[:4]) + (", ..." if len(previous) > 4 else "")
+                raise UsageError(f"{folder} already holds a run ({shown}): pass --resume to continue it, "
+                                 "--force to replace it, or choose another output folder")
+            kept = {Path(p).resolve() for p in keep}
+            for name in previous:
+                if (folder / name).resolve() not in kept:
+                    (folder / name).unlink()
+        yield folder

@@ -165,8 +165,8 @@ def test_backend_that_is_not_installed_is_refused(tmp_path, monkeypatch, capsys,
 
 @pytest.mark.parametrize("args,needle", [
     (("--latency-table", "t.json"), "need --cost latency"),
-    (("--cost", "flops"), "--cost must be"),
-    (("--cost", "latency", "--backend", "trt"), "cannot time"),
+    (("--cost", "flops"), "is not one of 'macs', 'latency'"),
+    (("--cost", "latency", "--backend", "trt"), "is not one of 'ort-cpu', 'ort-cuda', 'ort-trt'"),
 ])
 def test_contradictory_cost_options_are_refused(tmp_path, monkeypatch, capsys, model_file, args, needle):
     out = tmp_path / "out.onnx"

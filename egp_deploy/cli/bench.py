@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from egp_deploy.cli._common import console, new_app, run_app, stdout
+from egp_deploy.cli._common import Backend, Precision, console, new_app, run_app, stdout
 
 app = new_app(
     "Latency of one or more models on one backend, interleaved A B A B ... so they see the same "
@@ -25,11 +25,11 @@ BACKEND_HELP = (
 @app.command()
 def bench(
     models: list[Path] = typer.Argument(..., help="Models to compare (.onnx, .engine, model.pt); the first is the reference of the ratio.", show_default=False),
-    backend: str = typer.Option("auto", "--backend", "-b", help=BACKEND_HELP),
+    backend: Backend = typer.Option("auto", "--backend", "-b", help=BACKEND_HELP),
     batch: Optional[int] = typer.Option(None, "--batch", help="Batch size for a dynamic batch dimension (default: the model's static batch, else 1)."),
     shapes: Optional[str] = typer.Option(None, "--shapes", help="Input shapes, trtexec style: NAME:1x3x32x32, several separated by commas; overrides --batch for those inputs."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU intra-op threads (default: all usable cores); reported in the JSON."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (ort-trt: fp16 kernels; torch-cuda: .half(); ONNX/engines: their own types)."),
+    precision: Precision = typer.Option("fp32", "--precision", help="fp32 or fp16 (ort-trt: fp16 kernels; torch-cuda: .half(); ONNX/engines: their own types)."),
     include_copies: bool = typer.Option(False, "--include-copies/--exclude-copies", help="GPU backends: time host<->device copies too (default excludes them, like trtexec)."),
     warmup_ms: float = typer.Option(200.0, "--warmup-ms", help="Warm-up time per model in ms."),
     iterations: int = typer.Option(10, "--iterations", help="At least this many timed iterations per model."),
@@ -39,8 +39,13 @@ def bench(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the latency distribution (and ratios) here."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
+    backend, precision = str(backend), str(precision)
+    from egp_deploy.validation import check_outputs, validate_options
+
+    validate_options("bench", locals())
+    check_outputs(models, {"--json": json_out, "--plot": plot})
     from egp_deploy.bench import BenchSettings, benchmark_models, print_table, save_latency_plot
-    from egp_deploy.io_utils import write_json_atomic
+    from egp_deploy.io_utils import atomic_files
     from egp_deploy.runners import parse_shapes
 
     settings = BenchSettings(
@@ -49,12 +54,14 @@ def bench(
     )
     report = benchmark_models(models, backend, settings, progress=progress)
     print_table(report, stdout)
-    if json_out:
-        write_json_atomic(json_out, report)
-        console.print(f"report: {json_out}")
-    if plot:
-        save_latency_plot(report, plot)
-        console.print(f"plot: {plot}")
+    with atomic_files() as outputs:  # the report and the plot appear together or not at all
+        if json_out:
+            outputs.write_json(json_out, report)
+        if plot:
+            save_latency_plot(report, outputs.path(plot))
+    for what, path in (("report", json_out), ("plot", plot)):
+        if path:
+            console.print(f"{what}: {path}")
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from egp_deploy.cli._common import console, new_app, run_app, stdout
+from egp_deploy.cli._common import Precision, console, new_app, run_app, stdout
 
 app = new_app(
     "Build a TensorRT engine from an ONNX model (TensorRT 10 or 11). Writes MODEL.engine, "
@@ -21,12 +21,17 @@ app = new_app(
 def build(
     onnx_model: Path = typer.Argument(..., help="The .onnx model to build.", show_default=False),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Engine path (default: MODEL.engine beside the ONNX)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16. TensorRT 11 is strongly typed: fp16 needs an fp16 ONNX."),
+    precision: Precision = typer.Option("fp32", "--precision", help="fp32 or fp16. TensorRT 11 is strongly typed: fp16 needs an fp16 ONNX."),
     workspace_mib: int = typer.Option(1024, "--workspace", help="Builder workspace limit in MiB (0: TensorRT's default)."),
     shapes: Optional[str] = typer.Option(None, "--shapes", help="Optimisation profile: NAME:MIN/OPT/MAX, e.g. input:1x3x32x32/8x3x32x32/32x3x32x32; one shape = static. Dynamic batch alone defaults to 1."),
     timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Timing cache file: read if present, updated after the build (faster rebuilds)."),
     layers: bool = typer.Option(True, "--layers/--no-layers", help="Write the engine's layer list (JSON) beside it."),
 ) -> None:
+    precision = str(precision)
+    from egp_deploy.validation import check_build_paths, validate_options
+
+    validate_options("build", locals())
+    check_build_paths(onnx_model, output, timing_cache, layers)
     from egp_deploy.build import build_engine
     from egp_deploy.runners import parse_shapes
 

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from egp_deploy.cli._common import console, new_app, run_app, stdout
+from egp_deploy.cli._common import Backend, Precision, console, new_app, run_app, stdout
 
-EXIT_PASS, EXIT_OVER, EXIT_UNMEASURED = 0, 1, 2
+EXIT_PASS, EXIT_OVER, EXIT_UNMEASURED, EXIT_INTERRUPTED = 0, 1, 2, 130
 SCHEMA = "egp-deploy-check/1"
 
 app = new_app(
     "Latency gate for CI and edge devices: measure MODEL (trtexec conventions, see egp-bench) and "
-    "compare the --percentile latency with --budget-ms. Exit 0 within budget, 1 over budget, "
-    "2 could not measure (bad input, missing backend, no GPU, ...), saying which."
+    "compare the --percentile latency with --budget-ms. --json gets the verdict on every exit path.",
+    epilog="Exit codes: 0 within budget, 1 over budget, 2 could not measure (bad command line, bad input, "
+           "missing backend, no GPU, ...), saying which, 130 interrupted. --json is written in every case.",
 )
 
 
@@ -34,32 +34,34 @@ def check(
     model: Path = typer.Argument(..., help="Model to gate (.onnx, .engine/.plan, model.pt).", show_default=False),
     budget_ms: float = typer.Option(..., "--budget-ms", help="Latency budget in milliseconds.", show_default=False),
     percentile: float = typer.Option(99.0, "--percentile", help="Which latency percentile must fit the budget (50 = median)."),
-    backend: str = typer.Option("auto", "--backend", "-b", help="auto (ort-cpu for .onnx, trt for engines, torch-cpu for .pt), ort-cpu, ort-cuda, ort-trt, trt, torch-cpu, torch-cuda."),
+    backend: Backend = typer.Option("auto", "--backend", "-b", help="auto (ort-cpu for .onnx, trt for engines, torch-cpu for .pt), ort-cpu, ort-cuda, ort-trt, trt, torch-cpu, torch-cuda."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Batch size for a dynamic batch dimension (default: static batch, else 1)."),
     shapes: Optional[str] = typer.Option(None, "--shapes", help="Input shapes NAME:1x3x32x32, several separated by commas."),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU intra-op threads (default: all usable cores)."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (see egp-bench)."),
+    precision: Precision = typer.Option("fp32", "--precision", help="fp32 or fp16 (see egp-bench)."),
     include_copies: bool = typer.Option(False, "--include-copies/--exclude-copies", help="GPU: include host<->device copies in the timing."),
     warmup_ms: float = typer.Option(200.0, "--warmup-ms", help="Warm-up time in ms."),
     iterations: int = typer.Option(10, "--iterations", help="At least this many timed iterations."),
     duration: float = typer.Option(3.0, "--duration", help="At least this many seconds of timing."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the verdict, measurement and environment here (also when it could not measure)."),
 ) -> None:
+    backend, precision = str(backend), str(precision)
     from egp_deploy.io_utils import write_json_atomic
+    from egp_deploy.validation import check_outputs, output_is_safe, validate_options
 
+    json_arg = json_out
+    if json_out is not None and not output_is_safe([model], json_out):
+        json_out = None  # the JSON would replace the model (or cannot be written): the error says so
     report: dict[str, Any] = {
         "schema": SCHEMA, "model": str(model), "budget_ms": budget_ms, "percentile": percentile,
         "backend": backend,
     }
     try:
         from egp_deploy.bench import BenchSettings, benchmark_models, percentile as pct
-        from egp_deploy.errors import UsageError
         from egp_deploy.runners import parse_shapes
 
-        if not (math.isfinite(budget_ms) and budget_ms > 0):
-            raise UsageError(f"--budget-ms must be a positive number, got {budget_ms}")
-        if not 0 < percentile <= 100:
-            raise UsageError(f"--percentile must be in (0, 100], got {percentile}")
+        check_outputs([model], {"--json": json_arg})
+        validate_options("check", locals())
         settings = BenchSettings(
             warmup_ms=warmup_ms, min_iterations=iterations, min_duration_s=duration, batch=batch,
             shapes=parse_shapes(shapes), threads=threads, precision=precision, include_copies=include_copies,
@@ -81,6 +83,9 @@ def check(
             iterations=entry["iterations"], cv=entry["cv"], noisy=entry["noisy"], inputs=entry["inputs"],
             settings=bench["settings"], environment=bench["environment"], warnings=bench["warnings"],
         )
+    except KeyboardInterrupt:  # the JSON is written on this exit path too
+        code, message = EXIT_INTERRUPTED, "could not measure: interrupted"
+        report.update(verdict="could_not_measure", exit_code=code, error="KeyboardInterrupt", message=message)
     except Exception as e:  # noqa: BLE001 - ANY failure means "could not measure" (exit 2), never 1
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         kind = type(e).__name__
@@ -96,7 +101,7 @@ def check(
             raise typer.Exit(EXIT_UNMEASURED) from None
     from rich.markup import escape
 
-    if code == EXIT_UNMEASURED:
+    if code in (EXIT_UNMEASURED, EXIT_INTERRUPTED):
         console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     else:
         stdout.print(escape(message), soft_wrap=True)
@@ -105,9 +110,37 @@ def check(
     raise typer.Exit(code)
 
 
+def _json_path_from(argv: list[str]) -> tuple[Optional[Path], list[str]]:
+    """--json PATH / --json=PATH from a command line click could not parse, and the other arguments."""
+    for i, arg in enumerate(argv):
+        if arg == "--json" and i + 1 < len(argv):
+            return Path(argv[i + 1]), argv[:i] + argv[i + 2:]
+        if arg.startswith("--json="):
+            return Path(arg.split("=", 1)[1]), argv[:i] + argv[i + 1:]
+    return None, argv
+
+
+def _report_argument_error(argv: list[str], message: str) -> None:
+    """The documented promise: --json is written on every exit path, a bad command line included."""
+    from egp_deploy.io_utils import write_json_atomic
+    from egp_deploy.validation import output_is_safe
+
+    json_out, others = _json_path_from(argv)
+    # never over a file the command line names (the model): any existing path among the others counts
+    if json_out is None or not output_is_safe([a for a in others if Path(a).exists()], json_out):
+        return
+    report = {"schema": SCHEMA, "argv": argv, "verdict": "could_not_measure", "exit_code": EXIT_UNMEASURED,
+              "error": "UsageError", "message": f"could not measure (UsageError): {message}",
+              "environment": _environment_or_error()}
+    try:
+        write_json_atomic(json_out, report)
+    except OSError as e:
+        console.print(f"[bold red]error:[/] cannot write {json_out}: {e}")
+
+
 def main() -> None:
     # anything that escapes the command (e.g. an unexpected error outside it) is "could not measure"
-    run_app(app, "egp-check", error_exit=lambda e: EXIT_UNMEASURED)
+    run_app(app, "egp-check", error_exit=lambda e: EXIT_UNMEASURED, on_argument_error=_report_argument_error)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from typing import Any, Optional
 import numpy as np
 import typer
 
-from egp_deploy.cli._common import console, new_app, run_app, stdout
-from egp_deploy.errors import BackendUnavailableError, DataError, NonFiniteError, UsageError
+from egp_deploy.cli._common import Precision, console, hold, new_app, run_app, stdout
+from egp_deploy.errors import BackendUnavailableError, DataError, NonFiniteError, UsageError, first_words
 
 app = new_app(
     "Export a PyTorch model (egp-deploy checkpoint, TorchScript, torch.export .pt2, or with --unsafe-pickle a "
@@ -104,7 +104,7 @@ def _read_array_file(path: Path) -> np.ndarray:
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"{path} is not a readable .npy/.npz array ({type(e).__name__}: {str(e)[:120]})") from None
+        raise DataError(f"{path} is not a readable .npy/.npz array ({type(e).__name__}: {first_words(e, 120)})") from None
     if arr.ndim < 2:
         raise DataError(f"{path} must hold a batch of samples (N, ...), got shape {arr.shape}")
     return arr
@@ -225,7 +225,7 @@ def export(
     no_surgery: bool = typer.Option(False, "--no-surgery", help="Only export and verify; skip the graph surgery."),
     unsafe_pickle: bool = typer.Option(False, "--unsafe-pickle", help="Allow a fully pickled nn.Module: loading it RUNS ARBITRARY CODE from the file."),
     build: bool = typer.Option(False, "--build", help="Also build a TensorRT engine (OUT.egp.engine) when TensorRT and a GPU are present."),
-    precision: str = typer.Option("fp32", "--precision", help="Engine precision for --build: fp32 or fp16."),
+    precision: Precision = typer.Option("fp32", "--precision", help="Engine precision for --build: fp32 or fp16."),
     report: Optional[Path] = typer.Option(None, "--report", help="JSON report path (default: OUT.egp.json; OUT.export.json with --no-surgery)."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write a before/after PNG beside the report."),
     exporter: Exporter = typer.Option(Exporter.auto, "--exporter", help="auto: legacy TorchScript exporter for modules (fast, module-path node names), dynamo for .pt2."),
@@ -239,13 +239,20 @@ def export(
     Writes OUT.onnx (exported, checked against PyTorch with onnxruntime), OUT.egp.onnx (surgered,
     checked against OUT.onnx on calibration and held-out data), OUT.egp.json and OUT.egp.png.
     """
+    precision = str(precision)
+    from egp_deploy.validation import validate_options, validate_surgery_settings
+
+    validate_options("export", locals())
+    validate_surgery_settings(settings)
     import torch
 
     from egp_deploy.export import (
         check_output_path, detect_kind, export_model, load_source, parse_input_shape, read_metadata,
     )
-    from egp_deploy.io_utils import write_bytes_atomic, write_json_atomic
+    from egp_deploy.io_utils import staged_files
     from egp_deploy.onnx_metrics import graph_metrics
+
+    outputs = hold(staged_files())  # every output is committed at the end together, or none
 
     torch.set_num_threads(threads)
     surgery = not no_surgery
@@ -257,6 +264,8 @@ def export(
             paths["plot"] = report.with_suffix(".png")
     for p in paths.values():
         check_output_path(model, p)
+        if calibration and Path(calibration).is_file():
+            check_output_path(calibration, p)
     if len({p.resolve() for p in paths.values()}) != len(paths):
         raise UsageError(f"output paths collide: {', '.join(str(p) for p in paths.values())}")
     shape = parse_input_shape(input_shape)
@@ -320,8 +329,7 @@ def export(
     if surgery:
         if sample_shape is None:  # a .pt2 without a readable input spec: known only after export
             calib, held, desc = load_calibration(calibration, None, tuple(res.input_shape[1:]), samples, seed)
-        # the exported graph is complete and verified: keep it even if the surgery refuses its result
-        write_bytes_atomic(paths["exported"], exported_bytes)
+        outputs.write_bytes(paths["exported"], exported_bytes)
         t0 = time.perf_counter()
         result = optimize(res.model, calib, held, options)
         seconds["surgery"] = time.perf_counter() - t0
@@ -330,7 +338,7 @@ def export(
         out["calibration"] = desc
         out["metrics_surgered"] = after
         out["surgered"] = str(paths["surgered"])
-        write_bytes_atomic(paths["surgered"], result.model.SerializeToString())
+        outputs.write_bytes(paths["surgered"], result.model.SerializeToString())
         try:
             from egp_deploy.surgery.report import print_report, save_report_plot
         except ImportError:
@@ -339,17 +347,19 @@ def export(
             print_report(result.report)
             printed_table = True
         if plot and save_report_plot is not None:
-            save_report_plot(result.report, paths["plot"])
+            save_report_plot(result.report, outputs.path(paths["plot"]))
             out["plot"] = str(paths["plot"])
     else:
-        write_bytes_atomic(paths["exported"], exported_bytes)
+        outputs.write_bytes(paths["exported"], exported_bytes)
 
     if build:
+        outputs.commit()  # the engine is built from the file
         target = paths["surgered"] if surgery else paths["exported"]
         out["build"] = _try_build(target, precision, notes)
     seconds["total"] = time.perf_counter() - t_all
     out["seconds"] = seconds
-    write_json_atomic(paths["report"], out)
+    outputs.write_json(paths["report"], out)
+    outputs.commit()
 
     if not printed_table:
         title = f"{model.name}: exported vs surgered" if surgery else f"{model.name}: exported graph"

@@ -9,8 +9,15 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from egp_deploy.cli._common import new_app, run_app, stdout
+from egp_deploy.cli._common import choices, hold, new_app, run_app, stdout
 from egp_deploy.errors import EgpError, UnsupportedError, UsageError
+from egp_deploy.io_utils import is_main_process, run_folder
+from egp_deploy.validation import PRUNE_RUN_FILES, check_prune_paths, validate_options
+
+Method = choices("Method", ("egp", "imp"))
+Schedule = choices("Schedule", ("cosine", "step", "constant"))
+EntropyMode = choices("EntropyMode", ("dataset", "batch"))
+DistBackend = choices("DistBackend", ("auto", "nccl", "gloo"))
 
 app = new_app(
     "Prune a model with EGP (Entropy-Guided Pruning: the per-iteration budget goes to layers whose "
@@ -41,7 +48,7 @@ def parse_arch_kwargs(text: Optional[str]) -> dict:
 def prune(
     source: str = typer.Argument(..., help="Architecture name (resnet18, mobilenet_v2, vgg16_bn, vit_tiny) or a checkpoint .pt."),
     out: Path = typer.Option(Path("runs/prune"), "--out", "-o", help="Output folder (checkpoints, log.json, entropy.png)."),
-    method: str = typer.Option("egp", "--method", "-m", help="egp (entropy-guided budget) or imp (global L1 baseline)."),
+    method: Method = typer.Option("egp", "--method", "-m", help="egp (entropy-guided budget) or imp (global L1 baseline)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="digits (bundled, default), cifar10:DIR, folder:DIR or plugin:module:function. Default: the checkpoint's data, else digits."),
     iterations: int = typer.Option(9, "--iterations", "-n", help="Pruning iterations (nominal sparsity 1 - (1-rate)^n)."),
     rate: float = typer.Option(0.5, "--rate", help="Fraction of the remaining prunable weights removed per iteration."),
@@ -56,15 +63,22 @@ def prune(
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Training batch size (per rank under torchrun)."),
     momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum (dense training and fine-tuning)."),
     weight_decay: float = typer.Option(1e-4, "--weight-decay", help="SGD weight decay on conv/linear weights (not on BN or biases)."),
-    schedule: str = typer.Option("cosine", "--schedule", help="Per-epoch LR schedule: cosine, step (x0.1 at 50%/75%) or constant."),
-    entropy_mode: str = typer.Option("dataset", "--entropy-mode", help="dataset: one p per channel over the whole split (batch-size independent); batch: mean of per-batch entropies (the official code)."),
+    schedule: Schedule = typer.Option("cosine", "--schedule", help="Per-epoch LR schedule: cosine, step (x0.1 at 50%/75%) or constant."),
+    entropy_mode: EntropyMode = typer.Option("dataset", "--entropy-mode", help="dataset: one p per channel over the whole split (batch-size independent); batch: mean of per-batch entropies (the official code)."),
     calibration_batches: Optional[int] = typer.Option(None, "--calibration-batches", help="Limit entropy measurement to this many batches of 256 (default: the whole val split)."),
     arch_kwargs: Optional[str] = typer.Option(None, "--arch-kwargs", help="Architecture knobs, e.g. width=16 (only with an architecture name)."),
     seed: int = typer.Option(0, "--seed", help="Seeds initialisation, shuffling and fine-tuning."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last finished iteration."),
-    dist_backend: str = typer.Option("auto", "--dist-backend", help="torchrun only: auto (nccl with CUDA, else gloo), nccl or gloo."),
+    force: bool = typer.Option(False, "--force", help="Replace the run OUT holds (its checkpoints, log and plot are deleted first). Without --resume or --force a folder holding a run is refused."),
+    dist_backend: DistBackend = typer.Option("auto", "--dist-backend", help="torchrun only: auto (nccl with CUDA, else gloo), nccl or gloo."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
+    method, schedule, entropy_mode, dist_backend = map(str, (method, schedule, entropy_mode, dist_backend))
+    validate_options("prune", locals())
+    check_prune_paths(source, out)
+    if is_main_process():  # the folder is rank 0's: it writes every file of the run
+        hold(run_folder(out, resume=resume, force=force, command="egp-prune", run_files=PRUNE_RUN_FILES,
+                        keep=[source] if Path(source).is_file() else []))
     import torch
 
     from egp_deploy.archs import create_model, list_archs

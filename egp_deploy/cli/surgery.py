@@ -9,8 +9,11 @@ from typing import Optional
 import numpy as np
 import typer
 
-from egp_deploy.cli._common import console, new_app, run_app, stdout
-from egp_deploy.errors import DataError, InputFileError, UsageError
+from egp_deploy.cli._common import choices, console, new_app, run_app, stdout
+from egp_deploy.errors import DataError, InputFileError, UsageError, first_words
+
+Cost = choices("Cost", ("macs", "latency"))
+LatencyBackend = choices("LatencyBackend", ("ort-cpu", "ort-cuda", "ort-trt"))
 
 app = new_app(
     "Graph surgery on an ONNX model: fold BN/constants/identities, measure the graph's own activation "
@@ -30,8 +33,9 @@ def _load_model(path: Path):
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
         raise InputFileError(f"{path} is not a readable ONNX model ({type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else 'truncated or not protobuf'})") from None
-    except Exception as e:  # protobuf's C++ parser raises its own types
-        raise InputFileError(f"{path} is not a readable ONNX model ({type(e).__name__})") from None
+    except Exception as e:  # protobuf's C++ parser and onnx's checker raise their own types
+        reason = f": {first_words(e)}" if str(e).strip() else ""
+        raise InputFileError(f"{path} is not a readable ONNX model ({type(e).__name__}{reason})") from None
     if not model.graph.node:
         raise InputFileError(f"{path} is not an ONNX model (no graph nodes)")
     return model
@@ -109,10 +113,10 @@ def surgery(
                             "are reverted."),
     batch_size: int = typer.Option(32, min=1, help="Inference batch size for measurement and verification."),
     threads: int = typer.Option(0, min=0, help="onnxruntime intra-op threads (0: onnxruntime's default)."),
-    cost: str = typer.Option(
+    cost: Cost = typer.Option(
         "macs", "--cost", help="What the chain merge planner minimises: macs (deterministic) or latency (each "
                                "candidate merge timed as a small graph on --backend)."),
-    backend: str = typer.Option("ort-cpu", "--backend", help="With --cost latency: ort-cpu, ort-cuda or ort-trt."),
+    backend: LatencyBackend = typer.Option("ort-cpu", "--backend", help="With --cost latency: the backend merges are timed on."),
     latency_table: Optional[Path] = typer.Option(
         None, "--latency-table", help="With --cost latency: JSON table of timings to reuse and extend "
                                       "(default: a per-device cache under ~/.cache/egp-deploy/latency)."),
@@ -123,24 +127,24 @@ def surgery(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table, no progress bar."),
 ) -> None:
     """Rewrite INPUT into a shallower, narrower graph and write it to OUTPUT after verification."""
-    from egp_deploy.io_utils import write_bytes_atomic, write_json_atomic
+    from egp_deploy import validation as check
+
+    check.validate_options("surgery", locals())
+    files = [input] + [Path(p) for p in (calibration, held_out) if p and Path(p).is_file()]
+    check.check_outputs(files, {"OUTPUT": output, "--report": report, "--plot": plot,
+                                "--latency-table": latency_table})
+    check.check_sample_file("--calibration", calibration)
+    check.check_sample_file("--held-out", held_out)
+    from egp_deploy.io_utils import atomic_files
     from egp_deploy.surgery import SurgeryOptions, optimize
     from egp_deploy.surgery.report import print_report, save_report_plot
 
-    outs = [output] + [p for p in (report, plot, latency_table) if p is not None]
-    for p in outs:
-        if p.resolve() == input.resolve():
-            raise UsageError(f"output path {p} is the input file; choose another path")
-    if len({p.resolve() for p in outs}) != len(outs):
-        raise UsageError("the model, --report, --plot and --latency-table paths must differ")
-    if cost not in ("macs", "latency"):
-        raise UsageError(f"--cost must be macs or latency, got {cost!r}")
+    model = _load_model(input)
+    check.check_onnx_model_inputs(model, "egp-surgery", samples + held_out_samples, float32_only=True)
+    check.check_finite_weights(model)
     if cost == "macs" and (latency_table is not None or backend != "ort-cpu"):
         raise UsageError("--backend and --latency-table choose how merges are timed: they need --cost latency")
-    if output.exists() and output.is_dir():
-        raise UsageError(f"output path {output} is a directory")
-    model = _load_model(input)
-    latency = dict(cost=cost, latency_backend=backend, latency_margin=latency_margin,
+    latency = dict(cost=str(cost), latency_backend=str(backend), latency_margin=latency_margin,
                    latency_table=None if latency_table is None else os.fspath(latency_table))
     if cost == "latency":  # a missing backend or a bad table fails now, before any work
         from egp_deploy.surgery.latency import make_cost_model
@@ -175,11 +179,12 @@ def surgery(
             console.print(f"[yellow]warning:[/] {w}")
     result.report["files"] = {"input": os.fspath(input), "output": os.fspath(output),
                               "calibration": calibration, "held_out": held_spec if held is not None else None}
-    write_bytes_atomic(output, result.model.SerializeToString())
-    if report is not None:
-        write_json_atomic(report, result.report)
-    if plot is not None:
-        save_report_plot(result.report, plot)
+    with atomic_files() as outputs:  # model, report and plot appear together or not at all
+        outputs.write_bytes(output, result.model.SerializeToString())
+        if report is not None:
+            outputs.write_json(report, result.report)
+        if plot is not None:
+            save_report_plot(result.report, outputs.path(plot))
     if not quiet:
         print_report(result.report, stdout)
         _print_planner(result.report.get("merge_planner") or {})

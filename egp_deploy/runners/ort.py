@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from egp_deploy.errors import BackendUnavailableError, DataError, InputFileError, UsageError
+from egp_deploy.errors import BackendUnavailableError, DataError, InputFileError, UsageError, first_words
 from egp_deploy.runners.base import Runner, TensorSpec
 
 _ORT_TYPES = {
@@ -127,10 +127,10 @@ class OrtRunner(Runner):
                     pass
                 else:
                     raise BackendUnavailableError(
-                        f"backend {self.backend}: {wanted} failed to start ({msg[:160]}); it needs onnxruntime-gpu "
+                        f"backend {self.backend}: {wanted} failed to start ({first_words(msg, 160)}); it needs onnxruntime-gpu "
                         f"and a working CUDA GPU: pip install 'egp-deploy[{extra}]'"
                     ) from None
-            raise InputFileError(f"onnxruntime cannot load {self.model_path}: {msg[:200]}") from None
+            raise InputFileError(f"onnxruntime cannot load {self.model_path}: {first_words(msg)}") from None
         got = self.session.get_providers()
         if wanted not in got:
             gpu = "onnxruntime-gpu with a working CUDA GPU"
@@ -185,7 +185,7 @@ class OrtRunner(Runner):
         try:
             outs = self.session.run(None, dict(feeds))
         except Exception as e:  # noqa: BLE001
-            raise DataError(f"onnxruntime failed on {self.model_path.name}: {str(e).strip().splitlines()[0][:200]}") from None
+            raise DataError(f"onnxruntime failed on {self.model_path.name}: {first_words(e)}") from None
         return dict(zip(self.output_names(), outs))
 
     def prepare(self, feeds: Mapping[str, np.ndarray]) -> None:

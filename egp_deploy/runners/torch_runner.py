@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from egp_deploy.errors import BackendUnavailableError, DataError, UsageError
+from egp_deploy.errors import BackendUnavailableError, DataError, UsageError, first_words
 from egp_deploy.runners.base import Runner, TensorSpec
 
 INPUT_NAME = "input"
@@ -107,7 +107,7 @@ class TorchRunner(Runner):
             with torch.inference_mode():
                 y = self.model(x)
         except RuntimeError as e:
-            raise DataError(f"torch forward failed: {str(e).strip().splitlines()[0][:200]}") from None
+            raise DataError(f"torch forward failed: {first_words(e)}") from None
         return {OUTPUT_NAME: y.float().cpu().numpy()}
 
     def prepare(self, feeds: Mapping[str, np.ndarray]) -> None:
