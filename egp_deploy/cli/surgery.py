@@ -1,76 +1,21 @@
-"""egp-surgery: strip collapsed layers from an ONNX graph, verified against the input graph."""
+"""egp-surgery: strip collapsed layers from an ONNX graph, verified against the input graph.
+
+Parses arguments, calls :func:`egp_deploy.api.surgery_file` and prints."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 
 from egp_deploy.cli._common import console, new_app, run_app, stdout
-from egp_deploy.errors import DataError, InputFileError, UsageError
 
 app = new_app(
     "Graph surgery on an ONNX model: fold BN/constants/identities, measure the graph's own activation "
     "states on calibration data, strip always-linear activations, eliminate dead channels and constant "
     "layers, merge linear chains where exact; verify against the input and write only if it matches."
 )
-
-
-def _load_model(path: Path):
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    if not path.is_file():
-        raise InputFileError(f"ONNX file not found: {path}")
-    try:
-        model = onnx.load(str(path))
-    except (DecodeError, ValueError, RuntimeError, OSError) as e:
-        raise InputFileError(f"{path} is not a readable ONNX model ({type(e).__name__}: "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else 'truncated or not protobuf'})") from None
-    except Exception as e:  # protobuf's C++ parser raises its own types
-        raise InputFileError(f"{path} is not a readable ONNX model ({type(e).__name__})") from None
-    if not model.graph.node:
-        raise InputFileError(f"{path} is not an ONNX model (no graph nodes)")
-    return model
-
-
-def _input_shape(model) -> tuple[list[int | None], str]:
-    init = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in init]
-    if len(inputs) != 1:
-        raise DataError(f"the model has {len(inputs)} inputs; egp-surgery supports exactly one")
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
-    return dims, inputs[0].name
-
-
-def load_samples(spec: str, model, n: int, split: str, seed: int) -> np.ndarray:
-    """Samples from a data spec (digits | cifar10:DIR | folder:DIR | plugin:mod:func), a .npy file,
-    or 'random' (standard normal in the model's input shape)."""
-    dims, name = _input_shape(model)
-    if spec == "random":
-        if any(d is None for d in dims[1:]):
-            raise DataError(f"random calibration needs a static input shape; {name!r} is {dims}: "
-                            "pass --calibration with real data")
-        rng = np.random.default_rng(seed)
-        return rng.standard_normal([n] + [int(d) for d in dims[1:]]).astype(np.float32)
-    if spec.endswith(".npy"):
-        path = Path(spec)
-        if not path.is_file():
-            raise DataError(f"calibration file not found: {path}")
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise DataError(f"cannot read {path} as a .npy array: {type(e).__name__}: {e}") from None
-        return arr[:n]
-    from egp_deploy.data import calibration_batch, load_data
-
-    size = dims[2] if len(dims) == 4 and isinstance(dims[2], int) else None
-    chans = dims[1] if len(dims) == 4 and isinstance(dims[1], int) else None
-    bundle = load_data(spec, image_size=size, channels=chans)
-    return calibration_batch(bundle, n, split).numpy()
 
 
 @app.command()
@@ -107,49 +52,20 @@ def surgery(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table, no progress bar."),
 ) -> None:
     """Rewrite INPUT into a shallower, narrower graph and write it to OUTPUT after verification."""
-    from egp_deploy.io_utils import write_bytes_atomic, write_json_atomic
-    from egp_deploy.surgery import SurgeryOptions, optimize
-    from egp_deploy.surgery.report import print_report, save_report_plot
+    from rich.markup import escape
 
-    outs = [output] + [p for p in (report, plot) if p is not None]
-    for p in outs:
-        if p.resolve() == input.resolve():
-            raise UsageError(f"output path {p} is the input file; choose another path")
-    if len({p.resolve() for p in outs}) != len(outs):
-        raise UsageError("the model, --report and --plot paths must differ")
-    if output.exists() and output.is_dir():
-        raise UsageError(f"output path {output} is a directory")
-    model = _load_model(input)
-    if calibration is None:
-        console.print("[yellow]warning:[/] no --calibration given: using random normal inputs. Activation "
-                      "statistics of random inputs say little about real data; only exact rewrites can be trusted.")
-        calibration = "random"
-    cal = load_samples(calibration, model, samples + (held_out_samples if calibration.endswith(".npy") else 0),
-                       "val", seed=0)
-    held = None
-    if held_out is None and calibration.endswith(".npy"):
-        # one array given: keep a quarter of it (at least 2 samples) unseen by the measurement
-        if cal.shape[0] >= 8:
-            n_held = min(held_out_samples, max(2, cal.shape[0] // 4))
-            cal, held = cal[:-n_held], cal[-n_held:]
-        held_spec = f"{calibration} (last {0 if held is None else held.shape[0]} samples)"
-    else:
-        held_spec = held_out or ("random" if calibration == "random" else calibration)
-        if not (held_spec == "random" and any(d is None for d in _input_shape(model)[0][1:])):
-            held = load_samples(held_spec, model, held_out_samples, "test", seed=1)
-    options = SurgeryOptions(
+    from egp_deploy.api import surgery_file
+    from egp_deploy.surgery.report import print_report
+
+    options = dict(
         tolerance=tolerance, max_mac_growth=max_mac_growth, allow_inexact_merge=allow_inexact_merge,
-        channel_multiple=channel_multiple, simplify_layout_chains=simplify_layout_chains, strip_activations=strip, min_held_out_agreement=min_agreement, batch_size=batch_size,
-        threads=threads, progress=not quiet,
+        channel_multiple=channel_multiple, simplify_layout_chains=simplify_layout_chains, strip_activations=strip,
+        min_held_out_agreement=min_agreement, batch_size=batch_size, threads=threads, progress=not quiet,
     )
-    result = optimize(model, cal, held, options)
-    result.report["files"] = {"input": os.fspath(input), "output": os.fspath(output),
-                              "calibration": calibration, "held_out": held_spec if held is not None else None}
-    write_bytes_atomic(output, result.model.SerializeToString())
-    if report is not None:
-        write_json_atomic(report, result.report)
-    if plot is not None:
-        save_report_plot(result.report, plot)
+    say = (lambda line: None) if quiet else (lambda line: console.print(escape(line), soft_wrap=True))
+    warn = lambda line: console.print(escape(line), soft_wrap=True) if line.startswith("warning:") else say(line)  # noqa: E731
+    result = surgery_file(input, output, calibration=calibration, held_out=held_out, samples=samples,
+                          held_out_samples=held_out_samples, options=options, report=report, plot=plot, log=warn)
     if not quiet:
         print_report(result.report, stdout)
         stdout.print(f"wrote {output}" + (f", {report}" if report else "") + (f", {plot}" if plot else ""))
