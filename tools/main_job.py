@@ -46,7 +46,7 @@ def tensorrt_status() -> str | None:
     try:
         import tensorrt  # noqa: F401
     except Exception as e:
-        return f"TensorRT is not installed ({type(e).__name__}); install egp-deploy[tensorrt] on a GPU machine"
+        return f"TensorRT is not installed ({type(e).__name__}); install egp-deploy[tensorrt-cu12] or [tensorrt-cu13] on a GPU machine"
     import torch
 
     return None if torch.cuda.is_available() else "TensorRT imports but no CUDA GPU is visible"
