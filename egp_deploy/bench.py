@@ -409,17 +409,15 @@ def print_table(report: Mapping[str, Any], console=None) -> None:
 
 def save_latency_plot(report: Mapping[str, Any], png_path: str | Path) -> Path:
     """Latency distribution per model (histogram) and per-round ratio to the first (PNG, atomic)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures stay untouched
 
     from egp_deploy.io_utils import atomic_path
 
     models = [m for m in report["models"] if m.get("samples_ms")]
     if not models:
         raise UsageError("the report holds no samples to plot")
-    fig, axes = plt.subplots(1, 2 if len(models) > 1 else 1, figsize=(11 if len(models) > 1 else 6, 4), squeeze=False)
+    fig = Figure(figsize=(11 if len(models) > 1 else 6, 4))
+    axes = fig.subplots(1, 2 if len(models) > 1 else 1, squeeze=False)
     ax = axes[0][0]
     # shared bins up to the largest p99: the shape stays visible, the few outliers are counted aside
     lo = min(m["latency_ms"]["min"] for m in models)
@@ -447,7 +445,6 @@ def save_latency_plot(report: Mapping[str, Any], png_path: str | Path) -> Path:
     png_path = Path(png_path)
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
     return png_path
 
 

@@ -138,3 +138,20 @@ def test_deploy_refuses_before_any_work(exported, tmp_path):
     with pytest.raises(UsageError, match="unknown surgery option"):
         egp.deploy(d / "m.pt", tmp_path / "x.egp.onnx", options={"nope": 1})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plots_leave_pyplot_and_the_backend_alone(tmp_path):
+    # library plots go through matplotlib's Figure API: no pyplot, so no backend switch and no global figure
+    code = f"""
+import sys
+from egp_deploy.bench import save_latency_plot
+from egp_deploy.surgery.report import save_report_plot
+from egp_deploy.prune.loop import plot_entropy
+m = {{"name": "a.onnx", "samples_ms": [1.0, 1.5, 2.0, 1.2], "latency_ms": {{"min": 1.0, "p99": 2.0, "median": 1.35}}}}
+save_latency_plot({{"models": [m, dict(m, name="b.onnx")], "settings": {{"backend": "ort-cpu"}}}}, r"{tmp_path / 'b.png'}")
+save_report_plot({{"before": {{"nodes": 10, "macs_dense": 100}}, "after": {{"nodes": 6, "macs_dense": 40}}}}, r"{tmp_path / 's.png'}")
+assert "matplotlib.pyplot" not in sys.modules, "pyplot imported"  # (matplotlib.get_backend() itself would import it)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    for name in ("b.png", "s.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

@@ -152,14 +152,12 @@ def table_md(egp: list[dict], imp: list[dict], n_sites: int) -> str:
 
 
 def plot(egp: list[dict], imp: list[dict], dense_acc: float, tol: float, n_sites: int, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures stay untouched
 
     from egp_deploy.io_utils import atomic_path
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    a, b = fig.subplots(1, 2)
     for rows, name, marker, color in ((egp, "EGP", "o", "tab:blue"), (imp, "IMP", "s", "tab:orange")):
         it = [r["iteration"] for r in rows]
         a.plot(it, [r["zero_entropy"] for r in rows], marker + "-", color=color, label=f"{name}: zero-entropy activations")
@@ -180,7 +178,6 @@ def plot(egp: list[dict], imp: list[dict], dense_acc: float, tol: float, n_sites
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
 
 
 def main() -> int:

@@ -659,15 +659,13 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
 
 
 def save_plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures stay untouched
 
     from egp_deploy.io_utils import atomic_path
 
     archs = list(results["archs"])
-    fig, axes = plt.subplots(2, len(archs), figsize=(3.8 * len(archs), 6.2), squeeze=False, sharex=False)
+    fig = Figure(figsize=(3.8 * len(archs), 6.2))
+    axes = fig.subplots(2, len(archs), squeeze=False, sharex=False)
     style = {"egp": dict(color="tab:green", marker="o"), "imp": dict(color="tab:gray", marker="s")}
 
     def halvings(s: float) -> float:  # -log2(1 - s): iteration-like spacing, readable at 99 % sparsity
@@ -701,7 +699,6 @@ def save_plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
