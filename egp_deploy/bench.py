@@ -285,10 +285,10 @@ def benchmark_models(
 
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from egp_deploy.progress import progress_bar
 
             total = max(settings.min_duration_s, 1e-3)
-            bar = tqdm(total=total, unit="s", desc=f"timing {len(runners)} model(s)", leave=False,
+            bar = progress_bar(total=total, unit="s", desc=f"timing {len(runners)} model(s)", leave=False,
                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s")
 
         last = [0.0]

@@ -65,12 +65,12 @@ def main() -> int:
     dense = DENSE
     if not dense.is_file():  # no shipped model: train a dense one quickly
         _, times["train dense"] = run("prune", "resnet18", "--arch-kwargs", "width=16", "--dense-epochs", "15",
-                                      "--iterations", "0", "-o", str(out / "dense"), "-q")
+                                      "--iterations", "0", "-o", str(out / "dense"))
         dense = out / "dense" / "dense.pt"
 
     iters, epochs = ("2", "2") if args.quick else ("7", "8")
     _, times["prune"] = run("prune", str(dense), "--method", "egp", "--iterations", iters, "--epochs", epochs,
-                            "--tolerance", "1.0", "--patience", "2", "-o", str(out / "prune"), "-q")
+                            "--tolerance", "1.0", "--patience", "2", "-o", str(out / "prune"))
     _, times["export dense"] = run("export", str(dense), "--no-surgery", "-o", str(out / "dense.onnx"))
     _, times["export + surgery"] = run("export", str(out / "prune" / "best.pt"), "-o", str(out / "pruned.egp.onnx"))
     duration = "2" if args.quick else "4"

@@ -313,11 +313,11 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
         del log["stopped"]  # resumed with a wider tolerance or more patience: the run goes on
     masks = M.masks_from_zeros(model, masked_layers)
 
-    from tqdm.auto import tqdm
+    from egp_deploy.progress import progress_bar
 
     done = log["iterations"][-1]["iteration"]
-    bar = tqdm(range(done + 1, cfg.iterations + 1), desc=f"{cfg.method} iterations", disable=not (progress and ctx.is_main),
-               initial=done, total=cfg.iterations, dynamic_ncols=True)
+    bar = progress_bar(range(done + 1, cfg.iterations + 1), desc=f"{cfg.method} iterations",
+                       disable=not (progress and ctx.is_main), initial=done, total=cfg.iterations, unit="iter")
     for it in bar:
         if log.get("stopped"):
             break
