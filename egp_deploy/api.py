@@ -487,7 +487,7 @@ def deploy(
     checkpoint: PathLike,
     output: PathLike | None = None,
     *,
-    calibration: str | None = None,
+    calibration: str | CalibrationSet | None = None,
     samples: int = DEFAULT_SAMPLES,
     surgery: bool = True,
     options: SurgeryOptions | Mapping[str, Any] | None = None,
@@ -512,12 +512,13 @@ def deploy(
     Writes the exported graph (kept even if the surgery refuses), the surgered graph, a JSON report
     and a before/after PNG (paths: :func:`output_paths`); with ``build`` also a TensorRT engine when
     TensorRT and a GPU are present. ``calibration``: a data spec, a .npy/.npz file or ``"random"``
-    (default: the checkpoint's data set; random with a warning when none is recorded). Every
+    (default: the checkpoint's data set; random with a warning when none is recorded), or a
+    CalibrationSet already loaded (the same inputs for many models). Every
     argument and output path is checked before any work. ``log`` receives progress lines,
     ``stage(text)`` wraps each long stage (a spinner in a terminal)."""
     import torch
 
-    from egp_deploy.calibration import load_calibration
+    from egp_deploy.calibration import CalibrationSet, load_calibration
     from egp_deploy.export import check_output_path, detect_kind, export_model, load_source, parse_input_shape, read_metadata
     from egp_deploy.io_utils import write_bytes_atomic, write_json_atomic
     from egp_deploy.onnx_metrics import graph_metrics
@@ -549,9 +550,10 @@ def deploy(
         seconds["load"] = time.perf_counter() - t0
     sample_shape = shape or source.input_shape
     data_spec = (source.metadata or {}).get("data")
-    chosen = calibration or (data_spec if isinstance(data_spec, str) else None)
-    calib = None
-    if surgery and sample_shape is not None:  # bad calibration data fails before any export work
+    given = calibration if isinstance(calibration, CalibrationSet) else None
+    chosen = None if given else (calibration or (data_spec if isinstance(data_spec, str) else None))
+    calib = given
+    if surgery and sample_shape is not None and given is None:  # bad calibration data fails before any export work
         calib = load_calibration(chosen, tuple(sample_shape), samples, seed=seed)
         _announce(calib, log)
     with stage(f"exporting {source.kind} to ONNX and verifying with onnxruntime"):
