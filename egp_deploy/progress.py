@@ -50,12 +50,23 @@ def progress_bar(iterable: Any = None, *, desc: str | None = None, disable: bool
     from tqdm.auto import tqdm
 
     kw.setdefault("dynamic_ncols", True)
-    if not disable and "file" not in kw and not _is_terminal(sys.stderr) and not _in_notebook():
-        kw.update(file=_LineWriter(sys.stderr), mininterval=LOG_INTERVAL_S, maxinterval=LOG_INTERVAL_S,
-                  dynamic_ncols=False, ncols=100, ascii=True)
-        if kw.get("leave") is False:  # a transient (inner) bar: in a log only when it runs for a while
-            kw.setdefault("delay", LOG_INTERVAL_S)
-    return tqdm(iterable, desc=desc, disable=disable, **kw)
+    if disable or "file" in kw or _is_terminal(sys.stderr) or _in_notebook():
+        return tqdm(iterable, desc=desc, disable=disable, **kw)
+    kw.update(file=_LineWriter(sys.stderr), mininterval=LOG_INTERVAL_S, maxinterval=LOG_INTERVAL_S,
+              dynamic_ncols=False, ncols=100, ascii=True)
+    if kw.get("leave") is False:  # a transient (inner) bar: in a log only when it runs for a while
+        kw.setdefault("delay", LOG_INTERVAL_S)
+    return _log_bar_class(tqdm)(iterable, desc=desc, **kw)
+
+
+def _log_bar_class(base: type) -> type:
+    class LogBar(base):  # type: ignore[misc, valid-type]
+        """A bar whose postfix updates wait for the next timed refresh (tqdm redraws on each by default)."""
+
+        def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
+            super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+    return LogBar
 
 
 def _in_notebook() -> bool:

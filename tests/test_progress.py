@@ -22,3 +22,12 @@ def test_bars_in_a_log_are_lines_with_counts_and_eta(capsys, monkeypatch):
 def test_disabled_bar_writes_nothing(capsys):
     list(progress.progress_bar(range(3), desc="quiet", disable=True))
     assert capsys.readouterr().err == ""
+
+
+def test_postfix_updates_do_not_flood_a_log(capsys):
+    bar = progress.progress_bar(range(200), desc="epoch", unit="batch")
+    for i in bar:
+        bar.set_postfix(loss=f"{1 / (i + 1):.3f}")  # every batch, as the training loop does
+    lines = capsys.readouterr().err.splitlines()
+    assert 1 <= len(lines) <= 3, lines  # the start, the end, and at most one timed refresh
+    assert "200/200" in lines[-1]
