@@ -209,18 +209,15 @@ def export(
 ) -> ExportResult:
     """PyTorch model file -> verified ONNX ModelProto with provenance metadata (``.model``);
     written atomically to ``output`` when given (nothing is written if the check fails)."""
-    from egp_deploy.export import check_output_path, export_model, load_source, parse_input_shape
-    from egp_deploy.io_utils import write_bytes_atomic
+    from egp_deploy.export import export_file, export_model, load_source, parse_input_shape
 
     shape = parse_input_shape(input_shape)
+    options = dict(batch_size=batch_size, exporter=exporter, rtol=tolerance, seed=seed)
     if output is not None:
-        check_output_path(model, output)
-    source = load_source(model, unsafe_pickle=unsafe_pickle)
-    result = export_model(source, input_shape=shape, dynamic_batch=dynamic_batch, batch_size=batch_size,
-                          exporter=exporter, rtol=tolerance, seed=seed)
-    if output is not None:
-        write_bytes_atomic(output, result.model.SerializeToString())
-    return result
+        return export_file(model, output, input_shape=shape, dynamic_batch=dynamic_batch,
+                           unsafe_pickle=unsafe_pickle, **options)
+    return export_model(load_source(model, unsafe_pickle=unsafe_pickle), input_shape=shape,
+                        dynamic_batch=dynamic_batch, **options)
 
 
 # ---------------------------------------------------------------------------------- optimize
