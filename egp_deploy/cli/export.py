@@ -84,7 +84,7 @@ def export(
         options=parse_surgery_settings(settings), input_shape=input_shape, dynamic_batch=dynamic_batch,
         batch_size=batch_size, exporter=_value(exporter), export_tolerance=tolerance, unsafe_pickle=unsafe_pickle,
         build=build, precision=_value(precision), report=report, plot=plot, threads=threads, seed=seed,
-        progress=console.is_terminal, log=lambda line: console.print(escape(line), soft_wrap=True),
+        progress=console.is_terminal, log=say,
         stage=lambda text: console.status(text) if console.is_terminal else _nothing(),
     )
     if result.surgery is not None:
@@ -102,6 +102,17 @@ def export(
                       ("engine", p.engine)):
         if path is not None:
             stdout.print(f"wrote {key}: {path}")
+
+
+def say(line: str) -> None:
+    """A progress line from the library on stderr; its warning:/note: prefix in yellow."""
+    from rich.markup import escape
+
+    head, sep, rest = line.partition(": ")
+    if sep and head in ("warning", "note"):
+        console.print(f"[yellow]{head}:[/] {escape(rest)}", soft_wrap=True)
+    else:
+        console.print(escape(line), soft_wrap=True)
 
 
 def _nothing():

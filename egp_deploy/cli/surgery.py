@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from egp_deploy.cli._common import console, new_app, run_app, stdout
+from egp_deploy.cli._common import new_app, run_app, stdout
 
 app = new_app(
     "Graph surgery on an ONNX model: fold BN/constants/identities, measure the graph's own activation "
@@ -52,8 +52,6 @@ def surgery(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table, no progress bar."),
 ) -> None:
     """Rewrite INPUT into a shallower, narrower graph and write it to OUTPUT after verification."""
-    from rich.markup import escape
-
     from egp_deploy.api import surgery_file
     from egp_deploy.surgery.report import print_report
 
@@ -62,8 +60,9 @@ def surgery(
         channel_multiple=channel_multiple, simplify_layout_chains=simplify_layout_chains, strip_activations=strip,
         min_held_out_agreement=min_agreement, batch_size=batch_size, threads=threads, progress=not quiet,
     )
-    say = (lambda line: None) if quiet else (lambda line: console.print(escape(line), soft_wrap=True))
-    warn = lambda line: console.print(escape(line), soft_wrap=True) if line.startswith("warning:") else say(line)  # noqa: E731
+    from egp_deploy.cli.export import say
+
+    warn = lambda line: say(line) if (not quiet or line.startswith("warning:")) else None  # noqa: E731
     result = surgery_file(input, output, calibration=calibration, held_out=held_out, samples=samples,
                           held_out_samples=held_out_samples, options=options, report=report, plot=plot, log=warn)
     if not quiet:
