@@ -35,7 +35,7 @@ def __getattr__(name: str) -> Any:
     if name in __all__ and name != "__version__":
         import importlib
 
-        if name in ("export", "bench"):  # callable stage modules: see egp_deploy/_callable.py
+        if name in ("prune", "export", "bench"):  # callable stage modules: see egp_deploy/_callable.py
             return importlib.import_module(f"egp_deploy.{name}")
         value = getattr(importlib.import_module(_FROM.get(name, "egp_deploy.api")), name)
         globals()[name] = value

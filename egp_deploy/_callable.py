@@ -1,7 +1,8 @@
-"""``egp_deploy.export(...)`` and ``egp_deploy.bench(...)`` are API calls, yet ``egp_deploy.export``
-and ``egp_deploy.bench`` are also the stage modules (Python's import system binds a submodule onto
-its package, whatever was there). So those two modules are made callable: calling one runs the
-API function of the same name in :mod:`egp_deploy.api`; attribute access is the module as ever."""
+"""``egp_deploy.prune(...)``, ``egp_deploy.export(...)`` and ``egp_deploy.bench(...)`` are API calls,
+yet ``egp_deploy.prune``, ``.export`` and ``.bench`` are also stage modules (Python's import
+system binds a submodule onto its package, whatever was there). So those modules are made
+callable: calling one runs the API function of the same name in :mod:`egp_deploy.api`;
+attribute access is the module as ever."""
 
 from __future__ import annotations
 

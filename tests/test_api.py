@@ -48,6 +48,23 @@ def test_import_is_light():
     assert out.strip() == "[]"
 
 
+def test_api_calls_survive_importing_the_stage_modules():
+    # importing a submodule binds it onto the package: prune/export/bench must stay the API calls
+    import inspect
+
+    import egp_deploy.bench
+    import egp_deploy.export
+    import egp_deploy.prune.loop  # noqa: F401
+    from egp_deploy import api
+
+    for name in ("prune", "export", "bench", "optimize", "deploy", "check"):
+        assert callable(getattr(egp, name)), name
+    assert egp.export.export_model is egp_deploy.export.export_model  # still the module, too
+    with pytest.raises(TypeError, match="source"):  # the call reaches api.prune (a missing argument), not "module not callable"
+        egp.prune()
+    assert "source" in inspect.signature(api.prune).parameters
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("api")

@@ -109,3 +109,11 @@ def test_every_imported_package_is_declared():
 @pytest.mark.parametrize("name", ["onnx", "onnxruntime", "numpy"])
 def test_declared_runtime_libraries_import(name):
     __import__(name)
+
+
+def test_every_package_folder_is_a_regular_package():
+    # setuptools' packages.find only ships folders with an __init__.py: a missing one drops a subpackage
+    # from a (non-editable) install
+    for folder in (ROOT / "egp_deploy").rglob("*"):
+        if folder.is_dir() and folder.name != "__pycache__" and any(folder.glob("*.py")):
+            assert (folder / "__init__.py").is_file(), folder
