@@ -73,8 +73,20 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
     return float(sorted_values[max(n - 1 - exclude, 0)])
 
 
-def summarize(samples_ms: Sequence[float], batch: int = 1) -> dict[str, Any]:
-    """min/mean/median/p90/p95/p99/max (ms), throughput (samples/s), CV and the noisy flag."""
+def median(sorted_values: Sequence[float]) -> float:
+    """trtexec's median: the middle sample, or the mean of the two middle ones for an even count."""
+    n = len(sorted_values)
+    if n == 0:
+        raise ValueError("median of no samples")
+    m = n // 2
+    return float(sorted_values[m]) if n % 2 else (float(sorted_values[m - 1]) + float(sorted_values[m])) / 2
+
+
+def summarize(samples_ms: Sequence[float], batch: int = 1, wall_s: float | None = None) -> dict[str, Any]:
+    """min/mean/median/p90/p95/p99/max (ms), throughput, CV and the noisy flag, as trtexec computes them.
+
+    Throughput is trtexec's: inferences (batch x iterations) / the wall time they took (``wall_s``:
+    the host time spent in the timed iterations; without it, the sum of the samples)."""
     if not samples_ms:
         raise ValueError("no samples")
     if not all(math.isfinite(t) for t in samples_ms):
@@ -83,19 +95,42 @@ def summarize(samples_ms: Sequence[float], batch: int = 1) -> dict[str, Any]:
     mean = statistics.fmean(s)
     std = statistics.pstdev(s) if len(s) > 1 else 0.0
     cv = std / mean if mean > 0 else 0.0
+    wall = wall_s if wall_s is not None and wall_s > 0 else sum(s) / 1000.0
     out = {
         "n": len(s),
         "min": s[0],
         "mean": mean,
-        "median": percentile(s, 50),
+        "median": median(s),
         **{f"p{p}": percentile(s, p) for p in PERCENTILES},
         "max": s[-1],
         "std": std,
         "cv": cv,
         "noisy": cv > NOISY_CV,
-        "throughput_per_s": (batch * 1000.0 / mean) if mean > 0 else None,
+        "wall_s": wall,
+        "throughput_per_s": (batch * len(s) / wall) if wall > 0 else None,
     }
     return out
+
+
+GPU_BACKENDS = ("ort-cuda", "ort-trt", "trt", "torch-cuda")
+
+
+def metric_label(backend: str, include_copies: bool) -> str:
+    """trtexec's name for what one timed iteration covers: GPU Compute Time (kernels only, the
+    default) or Host Latency (with the host<->device copies); on a CPU backend simply Latency."""
+    if backend in GPU_BACKENDS:
+        return "Host Latency" if include_copies else "GPU Compute Time"
+    return "Latency"
+
+
+def trtexec_summary(latency_ms: Mapping[str, float], label: str = "Latency") -> str:
+    """trtexec's one-line summary, number formatting included (C++ ostream defaults = %g):
+    ``Latency: min = X ms, max = X ms, mean = X ms, median = X ms, percentile(90%) = X ms, ...``.
+    trtexec calls the with-copies figure ``Latency``; kernels-only is ``GPU Compute Time``."""
+    name = "Latency" if label in ("Latency", "Host Latency") else label
+    parts = [f"{k} = {latency_ms[k]:g} ms" for k in ("min", "max", "mean", "median")]
+    parts += [f"percentile({p:g}%) = {latency_ms[f'p{p}']:g} ms" for p in PERCENTILES]
+    return f"{name}: " + ", ".join(parts)
 
 
 def ratio_stats(samples: Sequence[float], reference: Sequence[float]) -> dict[str, float]:
@@ -117,11 +152,13 @@ def interleaved_rounds(
     min_duration_s: float = 3.0,
     clock: Callable[[], float] = time.perf_counter,
     on_round: Callable[[float], None] | None = None,
+    walls: list[float] | None = None,
 ) -> list[list[float]]:
     """Warm each timer for ``warmup_ms`` of wall time, then call them in rounds t0 t1 ... t0 t1 ...
 
     Stops after the round in which both conditions hold: ``min_iterations`` rounds done and
-    ``min_duration_s`` of wall time spent in the timed phase. Returns samples per timer (ms).
+    ``min_duration_s`` of wall time spent in the timed phase. Returns samples per timer (ms);
+    ``walls``, when given, receives each timer's total host wall time in the timed phase (s).
     """
     if not timers:
         raise UsageError("nothing to benchmark")
@@ -131,12 +168,17 @@ def interleaved_rounds(
         while clock() < t_end:
             timer()
     samples: list[list[float]] = [[] for _ in timers]
+    spent = [0.0] * len(timers)
     start = clock()
     rounds = 0
     while True:
         for i, timer in enumerate(timers):
+            t0 = clock()
             samples[i].append(float(timer()))
+            spent[i] += clock() - t0
         rounds += 1
+        if walls is not None:
+            walls[:] = spent
         elapsed = clock() - start
         if on_round:
             on_round(elapsed)
@@ -241,10 +283,10 @@ def benchmark_models(
 
         bar = None
         if progress:
-            from tqdm import tqdm
+            from egp_deploy.progress import progress_bar
 
             total = max(settings.min_duration_s, 1e-3)
-            bar = tqdm(total=total, unit="s", desc=f"timing {len(runners)} model(s)", leave=False,
+            bar = progress_bar(total=total, unit="s", desc=f"timing {len(runners)} model(s)", leave=False,
                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} s")
 
         last = [0.0]
@@ -256,9 +298,11 @@ def benchmark_models(
                 bar.n = min(elapsed, bar.total)
                 bar.refresh()
 
+        walls: list[float] = []
         samples = interleaved_rounds(
             [r.time_once for r in runners], warmup_ms=settings.warmup_ms,
             min_iterations=settings.min_iterations, min_duration_s=settings.min_duration_s, on_round=on_round,
+            walls=walls,
         )
         if bar is not None:
             bar.close()
@@ -267,7 +311,8 @@ def benchmark_models(
         warnings_: list[str] = []
         for i, (r, (specs, feeds), s) in enumerate(zip(runners, feeds_per_model, samples)):
             batch = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
-            stats = summarize(s, batch=batch)
+            stats = summarize(s, batch=batch, wall_s=walls[i] if i < len(walls) else None)
+            label = metric_label(r.backend, settings.include_copies)
             entry = {
                 "path": str(r.model_path),
                 "name": r.model_path.name,
@@ -279,6 +324,9 @@ def benchmark_models(
                 "cv": stats["cv"],
                 "noisy": stats["noisy"],
                 "throughput_per_s": stats["throughput_per_s"],
+                "wall_s": stats["wall_s"],
+                "metric": label,
+                "trtexec_summary": trtexec_summary(stats, label),
                 "iterations": stats["n"],
                 "ratio_to_first": ratio_stats(s, samples[0]),
                 "backend_details": r.describe(),
@@ -296,7 +344,9 @@ def benchmark_models(
             "settings": {**asdict(settings), "shapes": {k: [list(x) for x in v] for k, v in (settings.shapes or {}).items()},
                          "backend": ", ".join(dict.fromkeys(r.backend for r in runners)),
                          "interleaved": len(runners) > 1,
-                         "percentile_rule": "sorted[max(n - 1 - int((1 - p/100) * n), 0)]"},
+                         "percentile_rule": "sorted[max(n - 1 - int((1 - p/100) * n), 0)]",
+                         "median_rule": "middle sample; mean of the two middle ones for an even count (trtexec)",
+                         "throughput_rule": "batch x iterations / host wall time of the timed iterations (trtexec)"},
             "rounds": len(samples[0]),
             "environment": collect_environment([m["backend_details"] for m in models]),
             "models": models,
@@ -326,7 +376,8 @@ def print_table(report: Mapping[str, Any], console=None) -> None:
     title = (f"{report['settings']['backend']} | {env['cpu_model']} ({env['cpu_usable']} usable cores"
              + (f", {threads} threads" if threads else "") + ")"
              + (f" | {env['gpu_name']}" if env.get("gpu_name") else "")
-             + f" | {report['rounds']} rounds" + (" interleaved" if report['settings']['interleaved'] else ""))
+             + f" | {report['rounds']} rounds" + (" interleaved" if report['settings']['interleaved'] else "")
+             + f" | {report['models'][0].get('metric', 'Latency')}")
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     mixed = len({m["backend"] for m in report["models"]}) > 1
     table.add_column("model")
@@ -345,23 +396,26 @@ def print_table(report: Mapping[str, Any], console=None) -> None:
             f"{ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f})",
         )
     console.print(table)
+    for m in report["models"]:  # the lines scripts written for trtexec parse
+        label = m.get("metric", "Latency")
+        console.print(f"{escape(m['name'])} ({m['backend']}, {label}):", soft_wrap=True)
+        console.print(f"Throughput: {m['throughput_per_s']:g} qps", soft_wrap=True)
+        console.print(m.get("trtexec_summary") or trtexec_summary(m["latency_ms"], label), soft_wrap=True)
     for w in report.get("warnings", []):
         console.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
 
 
 def save_latency_plot(report: Mapping[str, Any], png_path: str | Path) -> Path:
     """Latency distribution per model (histogram) and per-round ratio to the first (PNG, atomic)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures stay untouched
 
     from egp_deploy.io_utils import atomic_path
 
     models = [m for m in report["models"] if m.get("samples_ms")]
     if not models:
         raise UsageError("the report holds no samples to plot")
-    fig, axes = plt.subplots(1, 2 if len(models) > 1 else 1, figsize=(11 if len(models) > 1 else 6, 4), squeeze=False)
+    fig = Figure(figsize=(11 if len(models) > 1 else 6, 4))
+    axes = fig.subplots(1, 2 if len(models) > 1 else 1, squeeze=False)
     ax = axes[0][0]
     # shared bins up to the largest p99: the shape stays visible, the few outliers are counted aside
     lo = min(m["latency_ms"]["min"] for m in models)
@@ -389,5 +443,9 @@ def save_latency_plot(report: Mapping[str, Any], png_path: str | Path) -> Path:
     png_path = Path(png_path)
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
     return png_path
+
+
+from egp_deploy._callable import make_callable  # noqa: E402  (egp_deploy.bench(...) is the API call)
+
+make_callable(__name__)

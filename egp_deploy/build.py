@@ -38,7 +38,7 @@ def import_tensorrt():
         import tensorrt as trt  # noqa: PLC0415
     except ImportError:
         raise BackendUnavailableError(
-            "TensorRT is not installed: pip install 'egp-deploy[tensorrt]' on a machine with an NVIDIA GPU "
+            "TensorRT is not installed: pip install 'egp-deploy[tensorrt-cu12]' (or [tensorrt-cu13], matching the CUDA major of the driver) on a machine with an NVIDIA GPU "
             "(on Jetson use the JetPack python3-libnvinfer package)"
         ) from None
     return trt

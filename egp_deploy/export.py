@@ -701,3 +701,8 @@ def export_file(
     write_bytes_atomic(out_path, result.model.SerializeToString())
     result.seconds["write"] = time.perf_counter() - t0
     return result
+
+
+from egp_deploy._callable import make_callable  # noqa: E402  (egp_deploy.export(...) is the API call)
+
+make_callable(__name__)

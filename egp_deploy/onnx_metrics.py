@@ -262,6 +262,7 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> tup
         if a is None or b is None or out_shape is None or not a:
             return None, []
         k = a[-1]
-        weight = node.input[ib] if len(b) >= 1 else None
-        return float(_prod(out_shape) * _prod([k])), weight
+        # a list of operand names (the constant one is the weight, usually B): never the bare name,
+        # which the caller would iterate character by character
+        return float(_prod(out_shape) * _prod([k])), [node.input[ib], node.input[ia]]
     return None, []

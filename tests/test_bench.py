@@ -76,7 +76,27 @@ def test_summarize_matches_hand_statistics():
     assert s["std"] == pytest.approx(statistics.pstdev(samples))
     assert s["cv"] == pytest.approx(statistics.pstdev(samples) / 4.0)
     assert s["noisy"] is True
-    assert s["throughput_per_s"] == pytest.approx(2 * 1000.0 / 4.0)
+    assert s["throughput_per_s"] == pytest.approx(2 * 1000.0 / 4.0)  # no wall time given: the samples' sum
+    assert summarize(samples, batch=2, wall_s=0.04)["throughput_per_s"] == pytest.approx(2 * 5 / 0.04)
+
+
+def test_median_of_an_even_count_is_trtexecs():
+    # trtexec's findMedian: the mean of the two middle samples when the count is even
+    assert summarize([4.0, 1.0, 3.0, 2.0])["median"] == 2.5
+    assert summarize([1.0, 9.0])["median"] == 5.0
+    assert bench.median([1.0, 2.0, 7.0]) == 2.0
+
+
+def test_trtexec_summary_line_and_labels():
+    lat = {"min": 0.5, "max": 2.25, "mean": 1.0, "median": 0.75, "p90": 1.5, "p95": 1.75, "p99": 2.0}
+    assert bench.trtexec_summary(lat) == (
+        "Latency: min = 0.5 ms, max = 2.25 ms, mean = 1 ms, median = 0.75 ms, percentile(90%) = 1.5 ms, "
+        "percentile(95%) = 1.75 ms, percentile(99%) = 2 ms")
+    assert bench.trtexec_summary(lat, "GPU Compute Time").startswith("GPU Compute Time: min = 0.5 ms")
+    assert bench.metric_label("trt", include_copies=False) == "GPU Compute Time"
+    assert bench.metric_label("trt", include_copies=True) == "Host Latency"
+    assert bench.trtexec_summary(lat, "Host Latency").startswith("Latency: ")  # trtexec's name for it
+    assert bench.metric_label("ort-cpu", include_copies=False) == "Latency"
 
 
 def test_cv_threshold():
@@ -170,7 +190,10 @@ def test_benchmark_json_schema(tmp_path):
         lat = m["latency_ms"]
         assert lat["min"] <= lat["median"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
         assert m["backend_details"]["intra_op_threads"] == 1
-        assert m["throughput_per_s"] == pytest.approx(3 * 1000 / lat["mean"])
+        # trtexec: inferences / host wall time of the timed iterations (not 1000 / mean)
+        assert m["throughput_per_s"] == pytest.approx(3 * m["iterations"] / m["wall_s"])
+        assert m["wall_s"] >= sum(m["samples_ms"]) / 1000 * 0.999
+        assert m["metric"] == "Latency" and m["trtexec_summary"].startswith("Latency: min = ")
     first = data["models"][0]["ratio_to_first"]
     assert first["median"] == first["min"] == first["max"] == 1.0
     second = data["models"][1]

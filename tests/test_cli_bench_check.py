@@ -134,5 +134,5 @@ def test_build_exit_codes(model, tmp_path, monkeypatch, capsys):
     assert run_cli(build_cli, [tmp_path / "missing.onnx"], monkeypatch, "egp-build") == 3
     if importlib.util.find_spec("tensorrt") is None:
         assert run_cli(build_cli, [model], monkeypatch, "egp-build") == 5
-        assert "egp-deploy[tensorrt]" in capsys.readouterr().err
+        assert "egp-deploy[tensorrt-cu12]" in capsys.readouterr().err
         assert not (tmp_path / "m.engine").exists()

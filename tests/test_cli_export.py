@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from egp_deploy.api import output_paths
 from egp_deploy.checkpoint import checkpoint_from_model, save_checkpoint
 from egp_deploy.cli import export as cli
 from egp_deploy.data import calibration_batch, load_data
@@ -147,10 +148,10 @@ def test_bad_input_one_line_distinct_codes_nothing_written(files, tmp_path, caps
 
 def test_output_paths_layout(tmp_path):
     m = tmp_path / "net.pt"
-    p = cli.output_paths(m, None, surgery=True)
-    assert (p["exported"].name, p["surgered"].name, p["report"].name, p["plot"].name) == (
+    p = output_paths(m, None, surgery=True)
+    assert (p.exported.name, p.surgered.name, p.report.name, p.plot.name) == (
         "net.onnx", "net.egp.onnx", "net.egp.json", "net.egp.png")
-    p = cli.output_paths(m, tmp_path / "final.onnx", surgery=True)
-    assert p["surgered"].name == "final.onnx" and p["exported"].name == "final.exported.onnx"
-    p = cli.output_paths(m, None, surgery=False)
-    assert p["exported"].name == "net.onnx" and p["report"].name == "net.export.json"
+    p = output_paths(m, tmp_path / "final.onnx", surgery=True)
+    assert p.surgered.name == "final.onnx" and p.exported.name == "final.exported.onnx"
+    p = output_paths(m, None, surgery=False)
+    assert p.exported.name == "net.onnx" and p.report.name == "net.export.json" and p.surgered is None

@@ -166,3 +166,21 @@ def test_exported_resnet_matches_pytorch_counts():
     assert r["macs_dense"] == dense
     assert r["macs_nonzero"] == pytest.approx(nonzero, rel=1e-9)
     assert r["macs_nonzero"] < r["macs_dense"]
+
+
+def test_sparse_matmul_nonzero_macs_follow_the_weights_sparsity():
+    # a long weight name: its characters must not be taken for operand names (2,048 reported before)
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    flat = w.reshape(-1)
+    flat[rng.permutation(flat.size)[:1843]] = 0.0  # 90 % sparse: 205 of 2,048 weights left
+    m = _model([helper.make_node("MatMul", ["x", "classifier.weight_matrix"], ["y"], name="fc")],
+               [_f("x", [1, 64])], [_f("y", [1, 32])], [numpy_helper.from_array(w, "classifier.weight_matrix")])
+    r = graph_metrics(m)
+    assert r["conv_gemm_layers"] == 1
+    assert r["macs_dense"] == 64 * 32
+    assert r["macs_nonzero"] == 205
+    # the constant operand may be the first one too (x^T W^T written as W @ x)
+    m = _model([helper.make_node("MatMul", ["classifier.weight_t", "x"], ["y"], name="fc")],
+               [_f("x", [64, 1])], [_f("y", [32, 1])], [numpy_helper.from_array(w.T.copy(), "classifier.weight_t")])
+    assert graph_metrics(m)["macs_nonzero"] == 205

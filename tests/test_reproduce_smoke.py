@@ -78,8 +78,13 @@ def test_comparison_verdict_and_artifacts(quick_run):
     rows = data["archs"]["vgg16_bn"]["methods"]
     diff = rows["egp"][1]["zero_entropy_layers"] - rows["imp"][1]["zero_entropy_layers"]
     assert comp["zero_entropy_diff"] == [diff]
-    assert comp["egp_more"] == (diff > 0)
-    assert data["verdict"]["egp_more"] == int(diff > 0)
+    # the one verdict (egp_deploy.prune.verdict): counted only where both stay within the tolerance
+    dense = rows["egp"][0]["test_acc"]
+    comparable = all(dense - rows[m][1]["test_acc"] <= comp["tolerance_points"] + 1e-9 for m in ("egp", "imp"))
+    assert comp["at_accuracy"]["iterations"] == ([1] if comparable else [])
+    assert comp["egp_more"] == (comparable and diff > 0)
+    assert comp["egp_more_all_iterations"] == (diff > 0)
+    assert data["verdict"]["egp_more"] == int(comp["egp_more"])
     assert data["environment"]["versions"]["onnxruntime"]
     assert (out / "reproduce.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "reproduce.md").read_text()

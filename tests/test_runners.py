@@ -151,7 +151,7 @@ def test_torch_cuda_graph_runner(checkpoint):
 def test_trt_missing_names_the_extra(tmp_path):
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"\0" * 64)
-    with pytest.raises(BackendUnavailableError, match=r"egp-deploy\[tensorrt\]"):
+    with pytest.raises(BackendUnavailableError, match=r"egp-deploy\[tensorrt-cu12\]"):
         get_runner(None, engine).load()
 
 

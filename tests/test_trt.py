@@ -312,7 +312,7 @@ def test_failed_build_writes_nothing(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed")
 def test_build_without_tensorrt_names_the_extra(tmp_path):
-    with pytest.raises(BackendUnavailableError, match=r"egp-deploy\[tensorrt\]"):
+    with pytest.raises(BackendUnavailableError, match=r"egp-deploy\[tensorrt-cu12\]"):
         build.build_engine(gemm_onnx(tmp_path / "m.onnx"))
 
 

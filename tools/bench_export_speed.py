@@ -35,7 +35,7 @@ from egp_deploy.checkpoint import checkpoint_from_model, save_checkpoint  # noqa
 from egp_deploy.export import export_model, load_source  # noqa: E402
 from egp_deploy.io_utils import write_bytes_atomic, write_json_atomic  # noqa: E402
 from egp_deploy.onnx_metrics import graph_metrics  # noqa: E402
-from egp_deploy.surgery import SurgeryOptions, optimize  # noqa: E402
+from egp_deploy.api import optimize  # noqa: E402  (the surgery plus its provenance metadata, as egp-export runs it)
 
 IMPORT_SECONDS = time.perf_counter() - T_START
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def run_once(ckpt: Path, out_dir: Path, samples: int, threads: int, size: int) -
     calib = rng.standard_normal((samples, 3, size, size)).astype(np.float32)
     held = rng.standard_normal((samples, 3, size, size)).astype(np.float32)
     t = time.perf_counter()
-    result = optimize(res.model, calib, held, SurgeryOptions(threads=threads))
+    result = optimize(res.model, calib, held, threads=threads)
     stages["surgery + verification"] = time.perf_counter() - t
     t = time.perf_counter()
     write_bytes_atomic(out_dir / "exported.onnx", res.model.SerializeToString())

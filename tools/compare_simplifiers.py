@@ -158,11 +158,12 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from egp_deploy.surgery import SurgeryOptions, optimize
+    from egp_deploy.api import optimize
+    from egp_deploy.calibration import load_calibration
 
     bundle = load_data("digits")
-    calib = calibration_batch(bundle, args.samples, "val").numpy()
-    held = calibration_batch(bundle, args.samples, "test").numpy()
+    data = load_calibration("digits", bundle.input_shape, args.samples)  # val calibrates, test is held out
+    calib, held = data.calibration, data.held_out
     train_x = calibration_batch(bundle, 1024, "train")
 
     sources: list[tuple[str, bool, SourceModel]] = []
@@ -200,7 +201,7 @@ def main() -> int:
         slim = onnxslim.slim(exported)
         entry["onnxslim"] = _row(graph_metrics(slim)) | {"seconds": time.perf_counter() - t0}
         t0 = time.perf_counter()
-        result = optimize(exported, calib, held, SurgeryOptions(threads=args.threads))
+        result = optimize(exported, calib, held, threads=args.threads)
         ours = graph_metrics(result.model)
         entry["ours"] = _row(ours) | {"seconds": time.perf_counter() - t0}
         ver = result.report.get("verification", {})

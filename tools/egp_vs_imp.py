@@ -68,11 +68,9 @@ def parse_args() -> argparse.Namespace:
 
 
 def dense_start(args):
-    from egp_deploy.archs import create_model
-    from egp_deploy.checkpoint import checkpoint_from_model, load_checkpoint, save_checkpoint
+    from egp_deploy.api import train_dense
+    from egp_deploy.checkpoint import load_checkpoint, save_checkpoint
     from egp_deploy.data import load_data
-    from egp_deploy.distributed import DistContext
-    from egp_deploy.prune.loop import PruneConfig, accuracy, finetune
     from egp_deploy.prune.train import TrainConfig
 
     path = args.checkpoint or (DEFAULT_DENSE if DEFAULT_DENSE.is_file() else None)
@@ -83,18 +81,10 @@ def dense_start(args):
     path = args.work / "dense.pt"
     if args.resume and path.is_file():
         return load_checkpoint(path), bundle, rel(path)
-    torch.manual_seed(args.seed)
-    kw = {"num_classes": bundle.num_classes, "in_channels": bundle.input_shape[0], "width": args.width}
-    model = create_model(args.arch, **kw)
-    tcfg = TrainConfig(epochs=args.dense_epochs, lr=args.lr, batch_size=args.batch_size)
-    ctx = DistContext()
-    finetune(model, bundle, tcfg, None, ctx, args.seed, "dense", not args.quiet)
-    meta = {"data": bundle.spec, "method": "dense", "recipe": tcfg.to_json(),
-            "test_acc": accuracy(model, bundle.test, PruneConfig(), ctx)}
-    start = checkpoint_from_model(model, args.arch, kw, bundle.input_shape, bundle.num_classes, meta)
+    recipe = TrainConfig(epochs=args.dense_epochs, lr=args.lr, batch_size=args.batch_size)
+    start = train_dense(args.arch, bundle, recipe, {"width": args.width}, args.seed, progress=not args.quiet)
     save_checkpoint(path, start)
     return start, bundle, rel(path)
-
 
 
 def rel(path) -> str:
@@ -112,30 +102,10 @@ def rows_of(log: dict) -> list[dict]:
 
 
 def verdict(egp: list[dict], imp: list[dict], dense_acc: float, tol: float) -> dict:
-    """Compare iteration by iteration; the claim is judged at the most pruned iteration where
-    BOTH methods are within the tolerance (comparable accuracy)."""
-    both = [(e, i) for e, i in zip(egp, imp) if e["iteration"] > 0
-            and dense_acc - e["test_acc"] <= tol + 1e-9 and dense_acc - i["test_acc"] <= tol + 1e-9]
-    more = sum(e["zero_entropy"] > i["zero_entropy"] for e, i in zip(egp[1:], imp[1:]))
-    fewer = sum(e["zero_entropy"] < i["zero_entropy"] for e, i in zip(egp[1:], imp[1:]))
-    out = {"tolerance_points": tol, "dense_test_acc": dense_acc,
-           "iterations_egp_more_zero_entropy": more, "iterations_egp_fewer_zero_entropy": fewer,
-           "iterations_compared": len(egp) - 1}
-    if not both:
-        out.update(holds=None, text=f"no iteration has both methods within {tol} points of dense: not decidable")
-        return out
-    e, i = both[-1]
-    holds = e["zero_entropy"] > i["zero_entropy"]
-    out.update(
-        holds=holds, at_iteration=e["iteration"],
-        egp={k: e[k] for k in ("sparsity_prunable", "sparsity_all", "test_acc", "zero_entropy", "all_zero_layers")},
-        imp={k: i[k] for k in ("sparsity_prunable", "sparsity_all", "test_acc", "zero_entropy", "all_zero_layers")},
-        text=(f"at iteration {e['iteration']} (the most pruned with both within {tol} points of dense {dense_acc:.2f}): "
-              f"EGP {e['zero_entropy']} zero-entropy activations / {e['all_zero_layers']} all-zero layers at "
-              f"{e['test_acc']:.2f} %, IMP {i['zero_entropy']} / {i['all_zero_layers']} at {i['test_acc']:.2f} %: "
-              f"claim {'HOLDS' if holds else 'does NOT hold'}"),
-    )
-    return out
+    """The project's one EGP-vs-IMP verdict (egp_deploy.prune.verdict), on this tool's rows."""
+    from egp_deploy.prune.verdict import compare_methods
+
+    return compare_methods(egp, imp, tol, key="zero_entropy", dense_acc=dense_acc)
 
 
 def table_md(egp: list[dict], imp: list[dict], n_sites: int) -> str:
@@ -152,14 +122,12 @@ def table_md(egp: list[dict], imp: list[dict], n_sites: int) -> str:
 
 
 def plot(egp: list[dict], imp: list[dict], dense_acc: float, tol: float, n_sites: int, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures stay untouched
 
     from egp_deploy.io_utils import atomic_path
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    a, b = fig.subplots(1, 2)
     for rows, name, marker, color in ((egp, "EGP", "o", "tab:blue"), (imp, "IMP", "s", "tab:orange")):
         it = [r["iteration"] for r in rows]
         a.plot(it, [r["zero_entropy"] for r in rows], marker + "-", color=color, label=f"{name}: zero-entropy activations")
@@ -180,7 +148,6 @@ def plot(egp: list[dict], imp: list[dict], dense_acc: float, tol: float, n_sites
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
 
 
 def main() -> int:
@@ -223,13 +190,13 @@ def main() -> int:
           f"{env['torch']}, {elapsed / 60:.1f} min.\n\nSparsity: of the prunable layers (those feeding an activation) "
           f"and of all conv/linear weights. Zero-H acts: activation sites with zero layer entropy (of {n_sites}). "
           f"All-zero layers: prunable layers whose weights are all zero.\n\n{table}\n**Verdict:** {v['text']}. "
-          f"EGP had more zero-entropy activations than IMP in {v['iterations_egp_more_zero_entropy']} of "
-          f"{v['iterations_compared']} iterations, fewer in {v['iterations_egp_fewer_zero_entropy']}.\n")
+          f"Over all iterations, EGP had more zero-entropy activations than IMP in {v['wins']} of "
+          f"{len(v['iterations'])}, fewer in {v['losses']}.\n")
     write_bytes_atomic(args.out / "egp_vs_imp.md", md.encode())
     print(table)
     print(f"verdict: {v['text']}")
-    print(f"EGP more zero-entropy activations than IMP in {v['iterations_egp_more_zero_entropy']}/{v['iterations_compared']} "
-          f"iterations, fewer in {v['iterations_egp_fewer_zero_entropy']}; {elapsed / 60:.1f} min")
+    print(f"EGP more zero-entropy activations than IMP in {v['wins']}/{len(v['iterations'])} "
+          f"iterations, fewer in {v['losses']}; {elapsed / 60:.1f} min")
     print(f"wrote {args.out / 'egp_vs_imp.json'}, {args.out / 'egp_vs_imp.md'}, {args.out / 'egp_vs_imp.png'}")
     return 0
 

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install egp-deploy with the given extra ("cpu" or "test").
+# Create .venv (if missing) and install egp-deploy with the given extras: "cpu" (default), "test"
+# (= cpu + test), "gpu", "gpu,test", ... The test extra brings no onnxruntime of its own, so the
+# runtime comes from exactly one of cpu / gpu (they are the same module; never install both).
 # torch==2.13.0 goes in FIRST: a bare torch requirement would otherwise pull GBs of CUDA wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extra="${1:-cpu}"
+extras="${1:-cpu}"
+case ",${extras}," in
+  *,cpu,*|*,gpu,*) ;;
+  *) extras="cpu,${extras}" ;;  # "test" alone means the CPU runtime plus the test tools
+esac
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[${extra}]"
+.venv/bin/python -m pip install -q -e ".[${extras}]"

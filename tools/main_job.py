@@ -46,7 +46,7 @@ def tensorrt_status() -> str | None:
     try:
         import tensorrt  # noqa: F401
     except Exception as e:
-        return f"TensorRT is not installed ({type(e).__name__}); install egp-deploy[tensorrt] on a GPU machine"
+        return f"TensorRT is not installed ({type(e).__name__}); install egp-deploy[tensorrt-cu12] or [tensorrt-cu13] on a GPU machine"
     import torch
 
     return None if torch.cuda.is_available() else "TensorRT imports but no CUDA GPU is visible"
@@ -65,12 +65,12 @@ def main() -> int:
     dense = DENSE
     if not dense.is_file():  # no shipped model: train a dense one quickly
         _, times["train dense"] = run("prune", "resnet18", "--arch-kwargs", "width=16", "--dense-epochs", "15",
-                                      "--iterations", "0", "-o", str(out / "dense"), "-q")
+                                      "--iterations", "0", "-o", str(out / "dense"))
         dense = out / "dense" / "dense.pt"
 
     iters, epochs = ("2", "2") if args.quick else ("7", "8")
     _, times["prune"] = run("prune", str(dense), "--method", "egp", "--iterations", iters, "--epochs", epochs,
-                            "--tolerance", "1.0", "--patience", "2", "-o", str(out / "prune"), "-q")
+                            "--tolerance", "1.0", "--patience", "2", "-o", str(out / "prune"))
     _, times["export dense"] = run("export", str(dense), "--no-surgery", "-o", str(out / "dense.onnx"))
     _, times["export + surgery"] = run("export", str(out / "prune" / "best.pt"), "-o", str(out / "pruned.egp.onnx"))
     duration = "2" if args.quick else "4"

@@ -30,7 +30,7 @@ ITERATIONS = 12
 def prune_args(width: int, iterations: int = ITERATIONS) -> list[str]:
     """The reference recipe as egp-prune arguments (also used by tools/wide_reference.py)."""
     return ["resnet18", "--arch-kwargs", f"width={width}", "--dense-epochs", "30", "--epochs", "14", "--lr", "0.05",
-            "--iterations", str(iterations), "--tolerance", "1.0", "--patience", "2", "--seed", "0", "-q"]
+            "--iterations", str(iterations), "--tolerance", "1.0", "--patience", "2", "--seed", "0"]
 
 
 def finished(run: Path, iterations: int = ITERATIONS) -> bool:

@@ -113,13 +113,10 @@ class Settings:
 # The per-architecture study
 # ---------------------------------------------------------------------------------------------
 def train_dense(arch: str, preset: ArchPreset, bundle, st: Settings, work: Path, log) -> tuple[Path, dict]:
-    """The shared dense checkpoint; reused when work/ARCH/dense.pt was made with the same recipe."""
-    import torch
-
-    from egp_deploy.archs import create_model
-    from egp_deploy.checkpoint import checkpoint_from_model, load_checkpoint, save_checkpoint
-    from egp_deploy.distributed import DistContext
-    from egp_deploy.prune.loop import PruneConfig, accuracy, finetune
+    """The shared dense checkpoint (egp_deploy.train_dense, the project's one recipe); reused when
+    work/ARCH/dense.pt was made with the same recipe."""
+    from egp_deploy.api import train_dense as dense_recipe
+    from egp_deploy.checkpoint import load_checkpoint, save_checkpoint
     from egp_deploy.prune.train import TrainConfig
 
     kwargs = {"num_classes": bundle.num_classes, "in_channels": bundle.input_shape[0], **preset.kwargs}
@@ -134,61 +131,55 @@ def train_dense(arch: str, preset: ArchPreset, bundle, st: Settings, work: Path,
                 return path, {**old.metadata["dense"], "reused": True}
         except Exception:  # unreadable leftovers are simply retrained
             pass
-    torch.manual_seed(st.seed)
-    model = create_model(arch, **kwargs)
-    t0 = time.perf_counter()
-    finetune(model, bundle, recipe, None, DistContext(), st.seed, f"{arch} dense", progress=False)
-    seconds = time.perf_counter() - t0
-    cfg = PruneConfig()
+    ckpt = dense_recipe(arch, bundle, recipe, preset.kwargs, st.seed)
+    meta = ckpt.metadata
+    seconds = meta["train_seconds"]
+    params = sum(p.numel() for p in ckpt.build_model().parameters())
     info = {"epochs": st.dense_epochs, "lr": preset.lr, "seconds": seconds,
-            "seconds_per_epoch": seconds / max(st.dense_epochs, 1),
-            "test_acc": accuracy(model, bundle.test, cfg, DistContext()),
-            "val_acc": accuracy(model, bundle.val, cfg, DistContext()),
-            "params": sum(p.numel() for p in model.parameters()), "reused": False}
-    meta = {"data": bundle.spec, "method": "dense", "recipe": recipe.to_json(), "test_acc": info["test_acc"],
-            "val_acc": info["val_acc"], "reproduce_key": key, "dense": info}
-    save_checkpoint(path, checkpoint_from_model(model, arch, kwargs, bundle.input_shape, bundle.num_classes, meta))
+            "seconds_per_epoch": seconds / max(st.dense_epochs, 1), "test_acc": meta["test_acc"],
+            "val_acc": meta["val_acc"], "params": params, "reused": False}
+    meta.update(reproduce_key=key, dense=info)
+    save_checkpoint(path, ckpt)
     log(f"  dense: {st.dense_epochs} epochs in {seconds:.0f} s ({info['seconds_per_epoch']:.2f} s/epoch), "
         f"test accuracy {info['test_acc']:.2f} %")
     return path, info
 
 
 def export_and_surgery(ckpt_path: Path, calib, held, st: Settings) -> dict[str, Any]:
-    """Export one checkpoint, run the verified surgery, write both graphs beside the checkpoint."""
+    """egp_deploy.deploy on one checkpoint: both graphs and the report beside it; a refused export or
+    surgery is a result too (recorded, the study goes on)."""
+    from egp_deploy.api import deploy
+    from egp_deploy.calibration import CalibrationSet
     from egp_deploy.errors import EgpError
-    from egp_deploy.export import export_model, load_source
-    from egp_deploy.io_utils import write_bytes_atomic, write_json_atomic
-    from egp_deploy.onnx_metrics import graph_metrics
-    from egp_deploy.surgery import SurgeryOptions, optimize
 
     exported_path = ckpt_path.with_suffix(".onnx")
     surgered_path = ckpt_path.with_suffix(".egp.onnx")
+    for stale in (exported_path, surgered_path):  # what exists afterwards tells which stage refused
+        stale.unlink(missing_ok=True)
     out: dict[str, Any] = {"exported_path": None, "surgered_path": None, "before": None, "after": None,
                            "export_error": None, "surgery_error": None, "seconds_surgery": 0.0}
+    data = CalibrationSet(calib, held, f"{len(calib)} val + {len(held)} test samples")
     t0 = time.perf_counter()
     try:
-        res = export_model(load_source(ckpt_path), batch_size=1, seed=st.seed)
-    except EgpError as e:  # e.g. a collapsed network whose near-constant output fails the export check
-        out["export_error"] = f"{type(e).__name__}: {e}"
-        out["seconds_export"] = time.perf_counter() - t0
+        job = deploy(ckpt_path, surgered_path, calibration=data, plot=False, threads=st.threads, seed=st.seed)
+    except EgpError as e:  # export: e.g. a collapsed network whose near-constant output fails the check
+        stage = "surgery_error" if exported_path.is_file() else "export_error"
+        out[stage] = f"{type(e).__name__}: {e}"
+        out["exported_path"] = str(exported_path) if exported_path.is_file() else None
+        out["seconds_export" if stage == "export_error" else "seconds_surgery"] = time.perf_counter() - t0
+        if stage == "surgery_error":
+            import onnx
+
+            from egp_deploy.onnx_metrics import graph_metrics
+
+            out["before"] = graph_metrics(onnx.load(str(exported_path)))
+            out["seconds_export"] = 0.0
         return out
-    write_bytes_atomic(exported_path, res.model.SerializeToString())
-    out["exported_path"] = str(exported_path)
-    out["seconds_export"] = time.perf_counter() - t0
-    out["before"] = graph_metrics(res.model)
-    t0 = time.perf_counter()
-    try:
-        result = optimize(res.model, calib, held, SurgeryOptions(threads=st.threads))
-    except EgpError as e:  # a refused rewrite is a result too: recorded, the study goes on
-        out["surgery_error"] = f"{type(e).__name__}: {e}"
-        out["seconds_surgery"] = time.perf_counter() - t0
-        return out
-    out["seconds_surgery"] = time.perf_counter() - t0
-    write_bytes_atomic(surgered_path, result.model.SerializeToString())
-    write_json_atomic(ckpt_path.with_suffix(".egp.json"), result.report)
-    out["surgered_path"] = str(surgered_path)
-    out["after"] = result.report["after"]
-    out["report"] = result.report
+    seconds = job.report["seconds"]
+    out.update(exported_path=str(exported_path), surgered_path=str(surgered_path), before=job.metrics_exported,
+               after=job.surgery.report["after"], report=job.surgery.report,
+               seconds_export=sum(v for k, v in seconds.items() if k.startswith(("export.", "load"))),
+               seconds_surgery=seconds.get("surgery", 0.0))
     return out
 
 
@@ -337,41 +328,24 @@ def progress_line(method: str, r: dict) -> str:
 # Comparison and verdict
 # ---------------------------------------------------------------------------------------------
 def compare_methods(methods: dict[str, list[dict]]) -> dict[str, Any]:
-    """EGP vs IMP at matched iterations (the same nominal sparsity), iterations 1..N.
+    """EGP vs IMP at matched iterations (the same nominal sparsity), iterations 1..N: the project's one
+    verdict (egp_deploy.prune.verdict: summed over the iterations where both stay within ACC_TOLERANCE
+    points of dense, EGP has more zero-entropy layers), plus this study's extra figures."""
+    from egp_deploy.prune.verdict import compare_methods as verdict
 
-    Criterion for "EGP leaves more zero-entropy layers": the mean over iterations of
-    (zero-H layers EGP - zero-H layers IMP) is positive. Wins/ties/losses and the last iteration
-    are reported beside it so a reader can apply a stricter rule."""
     egp = {r["iteration"]: r for r in methods.get("egp", [])}
     imp = {r["iteration"]: r for r in methods.get("imp", [])}
-    its = sorted(i for i in egp if i in imp and i > 0)
-    diffs = [egp[i]["zero_entropy_layers"] - imp[i]["zero_entropy_layers"] for i in its]
-    removed = [(egp[i]["layers_removed"] or 0) - (imp[i]["layers_removed"] or 0) for i in its]
-    out: dict[str, Any] = {
-        "iterations": its,
-        "zero_entropy_diff": diffs,
-        "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs), "losses": sum(d < 0 for d in diffs),
-        "mean_diff": (sum(diffs) / len(diffs)) if diffs else None,
-        "layers_removed_diff": removed,
-        "max_sparsity_gap": max((abs(egp[i]["sparsity"] - imp[i]["sparsity"]) for i in its), default=None),
-    }
+    out = verdict(methods.get("egp", []), methods.get("imp", []), ACC_TOLERANCE, key="zero_entropy_layers")
+    its = out["iterations"]
+    out["egp_more"] = bool(out["holds"])
+    out["at_accuracy"].update(tolerance_points=ACC_TOLERANCE, egp_more=out["egp_more"])
+    out["layers_removed_diff"] = [(egp[i]["layers_removed"] or 0) - (imp[i]["layers_removed"] or 0) for i in its]
+    out["max_sparsity_gap"] = max((abs(egp[i]["sparsity"] - imp[i]["sparsity"]) for i in its), default=None)
     if its:
         last = its[-1]
         out["last"] = {m: {k: rows[last][k] for k in ("sparsity", "test_acc", "zero_entropy_layers", "layers_removed",
                                                        "activations_removed", "longest_path_after", "latency_ratio")}
                        for m, rows in (("egp", egp), ("imp", imp))}
-    out["egp_more"] = bool(diffs) and out["mean_diff"] > 0
-    # the same comparison restricted to iterations where BOTH methods still hold accuracy: zero entropy in a
-    # network that has collapsed to a constant output is not depth anyone would deploy
-    dense_acc = egp[0]["test_acc"] if 0 in egp else None
-    held = [i for i in its if dense_acc is not None
-            and all(dense_acc - rows[i]["test_acc"] <= ACC_TOLERANCE + 1e-9 for rows in (egp, imp))]
-    held_diffs = [egp[i]["zero_entropy_layers"] - imp[i]["zero_entropy_layers"] for i in held]
-    out["at_accuracy"] = {
-        "tolerance_points": ACC_TOLERANCE, "iterations": held, "zero_entropy_diff": held_diffs,
-        "mean_diff": (sum(held_diffs) / len(held_diffs)) if held_diffs else None,
-        "egp_more": bool(held_diffs) and sum(held_diffs) > 0,
-    }
     out["within_tolerance"] = {m: best_within(methods.get(m, []), ACC_TOLERANCE) for m in METHODS}
     return out
 
@@ -480,17 +454,12 @@ def print_tables(results: dict[str, Any]) -> None:
             table.add_row(*row)
         console.print(table)
         c = res["comparison"]
-        a = c["at_accuracy"]
-        console.print(f"  EGP - IMP zero-H layers per iteration: {c['zero_entropy_diff']} -> "
-                      f"{'EGP more' if c['egp_more'] else 'EGP not more'}; where both are within "
-                      f"{ACC_TOLERANCE:g} points of dense (iterations {a['iterations']}): {a['zero_entropy_diff']} -> "
-                      f"{'EGP more' if a['egp_more'] else 'EGP not more'}")
+        console.print(f"  EGP - IMP zero-H layers per iteration: {c['zero_entropy_diff']}; {c['text']}")
     v = results["verdict"]
     console.print(f"[bold]claim[/]: EGP leaves more zero-entropy layers than IMP on {v['egp_more']}/{v['archs']} "
                   f"architectures ({', '.join(v['egp_more_archs']) or 'none'}) -> {'HOLDS' if v['holds'] else 'NOT MET'} "
-                  f"(needs {v['needed']}); at accuracy: {v['at_accuracy']['egp_more']}/{v['archs']} "
-                  f"({', '.join(v['at_accuracy']['egp_more_archs']) or 'none'}) -> "
-                  f"{'HOLDS' if v['at_accuracy']['holds'] else 'NOT MET'}")
+                  f"(needs {v['needed']}; {v['criterion']}); over all iterations, ignoring accuracy: "
+                  f"{v['all_iterations']['egp_more']}/{v['archs']} ({', '.join(v['all_iterations']['egp_more_archs']) or 'none'})")
 
 
 def _s(value: Any) -> str:
@@ -620,14 +589,12 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         md_table(TOLERANCE_COLUMNS, tolerance_rows(results)),
         "",
         f"**Claim** (EGP leaves more zero-entropy layers than IMP at equal sparsity on at least {v['needed']} of "
-        f"{v['archs']} architectures; criterion: mean over iterations 1..N of zero-H(EGP) - zero-H(IMP) > 0): "
-        f"**{'holds' if v['holds'] else 'not met'}** - EGP more on {v['egp_more']}/{v['archs']} "
+        f"{v['archs']} architectures; criterion: {v['criterion']}; zero entropy in a collapsed network is not "
+        f"deployable depth): **{'holds' if v['holds'] else 'not met'}** - EGP more on {v['egp_more']}/{v['archs']} "
         f"({', '.join(v['egp_more_archs']) or 'none'}).",
         "",
-        f"Restricted to iterations where both methods keep test accuracy within {ACC_TOLERANCE:g} points of dense "
-        f"(zero entropy in a collapsed network is not deployable depth): EGP more on "
-        f"{v['at_accuracy']['egp_more']}/{v['archs']} ({', '.join(v['at_accuracy']['egp_more_archs']) or 'none'}) "
-        f"-> **{'holds' if v['at_accuracy']['holds'] else 'not met'}**.",
+        f"Over all iterations, ignoring accuracy (sum of zero-H(EGP) - zero-H(IMP) > 0): EGP more on "
+        f"{v['all_iterations']['egp_more']}/{v['archs']} ({', '.join(v['all_iterations']['egp_more_archs']) or 'none'}).",
         "",
         "![zero-entropy layers vs sparsity](reproduce.png)",
         "",
@@ -638,10 +605,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
         c = res["comparison"]
         lines += [f"### {arch}", "", md_table(TABLE_COLUMNS, table_rows(res)), "",
                   f"zero-H EGP - IMP per iteration: {c['zero_entropy_diff']}; layers removed EGP - IMP: "
-                  f"{c['layers_removed_diff']}. Verdict: {'EGP more' if c['egp_more'] else 'EGP not more'}; at "
-                  f"accuracy (both within {ACC_TOLERANCE:g} points, iterations {c['at_accuracy']['iterations']}): "
-                  f"{c['at_accuracy']['zero_entropy_diff']} -> "
-                  f"{'EGP more' if c['at_accuracy']['egp_more'] else 'EGP not more'}.", ""]
+                  f"{c['layers_removed_diff']}. Verdict: {c['text']}.", ""]
         notes = res.get("notes", [])
         if notes:
             lines += ["Notes from the data:", ""] + [f"- {n}" for n in notes] + [""]
@@ -659,15 +623,13 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
 
 
 def save_plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures stay untouched
 
     from egp_deploy.io_utils import atomic_path
 
     archs = list(results["archs"])
-    fig, axes = plt.subplots(2, len(archs), figsize=(3.8 * len(archs), 6.2), squeeze=False, sharex=False)
+    fig = Figure(figsize=(3.8 * len(archs), 6.2))
+    axes = fig.subplots(2, len(archs), squeeze=False, sharex=False)
     style = {"egp": dict(color="tab:green", marker="o"), "imp": dict(color="tab:gray", marker="s")}
 
     def halvings(s: float) -> float:  # -log2(1 - s): iteration-like spacing, readable at 99 % sparsity
@@ -701,7 +663,6 @@ def save_plot(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -759,14 +720,13 @@ def summarize(results: dict[str, Any], archs: list[str]) -> None:
         res["comparison"] = compare_methods(res["methods"])
         res["notes"] = explain(arch, res)
     more = [a for a in archs if results["archs"][a]["comparison"]["egp_more"]]
-    more_acc = [a for a in archs if results["archs"][a]["comparison"]["at_accuracy"]["egp_more"]]
+    more_all = [a for a in archs if results["archs"][a]["comparison"]["egp_more_all_iterations"]]
     needed = min(3, len(archs))
+    criterion = next(iter(results["archs"].values()))["comparison"]["criterion"] if archs else ""
     results["verdict"] = {"archs": len(archs), "egp_more": len(more), "egp_more_archs": more,
                           "needed": needed, "holds": len(more) >= needed,
-                          "at_accuracy": {"egp_more": len(more_acc), "egp_more_archs": more_acc,
-                                          "holds": len(more_acc) >= needed, "tolerance_points": ACC_TOLERANCE},
-                          "criterion": "mean over iterations 1..N of zero-entropy layers (EGP - IMP) > 0, "
-                                       "matched iterations = equal nominal sparsity"}
+                          "all_iterations": {"egp_more": len(more_all), "egp_more_archs": more_all},
+                          "criterion": criterion}
 
 
 def write_outputs(results: dict[str, Any], st: Settings) -> None:
@@ -800,7 +760,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from egp_deploy.bench import collect_environment
-    from egp_deploy.data import calibration_batch, load_data
+    from egp_deploy.calibration import load_calibration
+    from egp_deploy.data import load_data
 
     torch.set_num_threads(st.threads)
     # the prune loop redraws its entropy heat map every iteration; at 2 rows matplotlib warns about margins
@@ -814,8 +775,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - t_all:6.0f} s] {msg}", flush=True)
 
     bundle = load_data("digits")
-    calib = calibration_batch(bundle, st.samples, "val").numpy()
-    held = calibration_batch(bundle, st.samples, "test").numpy()
+    data = load_calibration("digits", bundle.input_shape, st.samples)  # the one policy: val calibrates, test is held out
+    calib, held = data.calibration, data.held_out
     st.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"schema": SCHEMA, "tool": "tools/reproduce.py", "command": command,
                                "settings": st.to_json(), "archs": {}}

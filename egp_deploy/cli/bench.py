@@ -39,29 +39,24 @@ def bench(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the latency distribution (and ratios) here."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
-    backend, precision = str(backend), str(precision)
-    from egp_deploy.validation import check_outputs, validate_options
+    from egp_deploy.validation import validate_options
 
     validate_options("bench", locals())
-    check_outputs(models, {"--json": json_out, "--plot": plot})
-    from egp_deploy.bench import BenchSettings, benchmark_models, print_table, save_latency_plot
-    from egp_deploy.io_utils import atomic_files
+    from egp_deploy.api import bench as run_bench
+    from egp_deploy.bench import print_table
     from egp_deploy.runners import parse_shapes
 
-    settings = BenchSettings(
+    result = run_bench(
+        models, getattr(backend, "value", backend), progress=progress, json_path=json_out, plot_path=plot,
         warmup_ms=warmup_ms, min_iterations=iterations, min_duration_s=duration, batch=batch,
-        shapes=parse_shapes(shapes), threads=threads, precision=precision, include_copies=include_copies, seed=seed,
+        shapes=parse_shapes(shapes), threads=threads, precision=getattr(precision, "value", precision),
+        include_copies=include_copies, seed=seed,
     )
-    report = benchmark_models(models, backend, settings, progress=progress)
-    print_table(report, stdout)
-    with atomic_files() as outputs:  # the report and the plot appear together or not at all
-        if json_out:
-            outputs.write_json(json_out, report)
-        if plot:
-            save_latency_plot(report, outputs.path(plot))
-    for what, path in (("report", json_out), ("plot", plot)):
-        if path:
-            console.print(f"{what}: {path}")
+    print_table(result.data, stdout)
+    if json_out:
+        console.print(f"report: {json_out}")
+    if plot:
+        console.print(f"plot: {plot}")
 
 
 def main() -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
 from egp_deploy.cli._common import Backend, Precision, console, new_app, run_app, stdout
 
-EXIT_PASS, EXIT_OVER, EXIT_UNMEASURED, EXIT_INTERRUPTED = 0, 1, 2, 130
-SCHEMA = "egp-deploy-check/1"
+from egp_deploy.api import CHECK_SCHEMA as SCHEMA, EXIT_INTERRUPTED, EXIT_OVER, EXIT_PASS, EXIT_UNMEASURED  # noqa: F401
 
 app = new_app(
     "Latency gate for CI and edge devices: measure MODEL (trtexec conventions, see egp-bench) and "
@@ -18,15 +17,6 @@ app = new_app(
     epilog="Exit codes: 0 within budget, 1 over budget, 2 could not measure (bad command line, bad input, "
            "missing backend, no GPU, ...), saying which, 130 interrupted. --json is written in every case.",
 )
-
-
-def _environment_or_error() -> dict[str, Any]:
-    try:
-        from egp_deploy.bench import collect_environment
-
-        return collect_environment()
-    except Exception as e:  # noqa: BLE001 - the report must still be written
-        return {"error": f"{type(e).__name__}: {e}"}
 
 
 @app.command()
@@ -45,69 +35,40 @@ def check(
     duration: float = typer.Option(3.0, "--duration", help="At least this many seconds of timing."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the verdict, measurement and environment here (also when it could not measure)."),
 ) -> None:
-    backend, precision = str(backend), str(precision)
-    from egp_deploy.io_utils import write_json_atomic
-    from egp_deploy.validation import check_outputs, output_is_safe, validate_options
-
-    json_arg = json_out
-    if json_out is not None and not output_is_safe([model], json_out):
-        json_out = None  # the JSON would replace the model (or cannot be written): the error says so
-    report: dict[str, Any] = {
-        "schema": SCHEMA, "model": str(model), "budget_ms": budget_ms, "percentile": percentile,
-        "backend": backend,
-    }
-    try:
-        from egp_deploy.bench import BenchSettings, benchmark_models, percentile as pct
-        from egp_deploy.runners import parse_shapes
-
-        check_outputs([model], {"--json": json_arg})
-        validate_options("check", locals())
-        settings = BenchSettings(
-            warmup_ms=warmup_ms, min_iterations=iterations, min_duration_s=duration, batch=batch,
-            shapes=parse_shapes(shapes), threads=threads, precision=precision, include_copies=include_copies,
-        )
-        bench = benchmark_models([model], backend, settings, progress=False)
-        entry = bench["models"][0]
-        measured = pct(sorted(entry["samples_ms"]), percentile)
-        within = measured <= budget_ms
-        code = EXIT_PASS if within else EXIT_OVER
-        label = f"p{percentile:g}"
-        message = (
-            f"{'PASS' if within else 'FAIL'}: {label} latency {measured:.4f} ms "
-            f"{'<=' if within else '>'} budget {budget_ms:g} ms ({model.name}, {entry['backend']}, "
-            f"{entry['iterations']} iterations, median {entry['latency_ms']['median']:.4f} ms)"
-        )
-        report.update(
-            verdict="pass" if within else "over_budget", exit_code=code, measured_ms=measured,
-            backend=entry["backend"], message=message, latency_ms=entry["latency_ms"],
-            iterations=entry["iterations"], cv=entry["cv"], noisy=entry["noisy"], inputs=entry["inputs"],
-            settings=bench["settings"], environment=bench["environment"], warnings=bench["warnings"],
-        )
-    except KeyboardInterrupt:  # the JSON is written on this exit path too
-        code, message = EXIT_INTERRUPTED, "could not measure: interrupted"
-        report.update(verdict="could_not_measure", exit_code=code, error="KeyboardInterrupt", message=message)
-    except Exception as e:  # noqa: BLE001 - ANY failure means "could not measure" (exit 2), never 1
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        kind = type(e).__name__
-        code = EXIT_UNMEASURED
-        message = f"could not measure ({kind}): {first}"
-        report.update(verdict="could_not_measure", exit_code=code, error=kind, message=message,
-                      environment=_environment_or_error())
-    if json_out:
-        try:
-            write_json_atomic(json_out, report)
-        except OSError as e:
-            console.print(f"[bold red]error:[/] cannot write {json_out}: {e}")
-            raise typer.Exit(EXIT_UNMEASURED) from None
     from rich.markup import escape
 
-    if code in (EXIT_UNMEASURED, EXIT_INTERRUPTED):
-        console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    from egp_deploy.api import check as run_check
+
+    try:
+        from egp_deploy.runners import parse_shapes
+        from egp_deploy.validation import validate_options
+
+        validate_options("check", locals())
+        parsed = parse_shapes(shapes)
+    except Exception as e:  # noqa: BLE001 - a bad number or --shapes is "could not measure" too
+        parsed, shape_error = None, e
     else:
-        stdout.print(escape(message), soft_wrap=True)
-        for w in report.get("warnings", []):
+        shape_error = None
+    settings = dict(warmup_ms=warmup_ms, min_iterations=iterations, min_duration_s=duration, batch=batch,
+                    shapes=parsed, threads=threads, precision=_value(precision), include_copies=include_copies)
+    try:
+        result = run_check(model, budget_ms, percentile=percentile, backend=_value(backend), json_path=json_out,
+                           _error=shape_error, **settings)
+    except OSError as e:
+        console.print(f"[bold red]error:[/] cannot write {json_out}: {e}")
+        raise typer.Exit(EXIT_UNMEASURED) from None
+    if result.exit_code in (EXIT_UNMEASURED, EXIT_INTERRUPTED):
+        console.print(f"[bold red]error:[/] {escape(result.message)}", soft_wrap=True)
+    else:
+        stdout.print(escape(result.message), soft_wrap=True)
+        for w in result.report.get("warnings", []):
             console.print(f"[yellow]warning:[/] {escape(w)}", soft_wrap=True)
-    raise typer.Exit(code)
+    raise typer.Exit(result.exit_code)
+
+
+def _value(choice):
+    """An Enum choice's value (the option may be declared as an Enum or as plain text)."""
+    return getattr(choice, "value", choice)
 
 
 def _json_path_from(argv: list[str]) -> tuple[Optional[Path], list[str]]:
@@ -122,6 +83,7 @@ def _json_path_from(argv: list[str]) -> tuple[Optional[Path], list[str]]:
 
 def _report_argument_error(argv: list[str], message: str) -> None:
     """The documented promise: --json is written on every exit path, a bad command line included."""
+    from egp_deploy.api import _environment_or_error
     from egp_deploy.io_utils import write_json_atomic
     from egp_deploy.validation import output_is_safe
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.table import Table
 
+from egp_deploy.api import parse_arch_kwargs  # noqa: F401  (re-exported: tests and tools use it)
 from egp_deploy.cli._common import choices, hold, new_app, run_app, stdout
-from egp_deploy.errors import EgpError, UnsupportedError, UsageError
 from egp_deploy.io_utils import is_main_process, run_folder
 from egp_deploy.validation import PRUNE_RUN_FILES, check_prune_paths, validate_options
 
@@ -28,20 +27,6 @@ app = new_app(
     "Under torchrun (python -m torch.distributed.run --nproc_per_node=N -m egp_deploy.cli prune ...) it runs "
     "data-parallel; --batch-size is then per rank."
 )
-
-
-def parse_arch_kwargs(text: Optional[str]) -> dict:
-    """'width=16,stem=imagenet' -> {'width': 16, 'stem': 'imagenet'} (values parsed as Python literals)."""
-    out: dict = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--arch-kwargs wants key=value pairs separated by commas, got {item!r}")
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
-    return out
 
 
 @app.command()
@@ -79,81 +64,39 @@ def prune(
     if is_main_process():  # the folder is rank 0's: it writes every file of the run
         hold(run_folder(out, resume=resume, force=force, command="egp-prune", run_files=PRUNE_RUN_FILES,
                         keep=[source] if Path(source).is_file() else []))
-    import torch
+    import os
 
-    from egp_deploy.archs import create_model, list_archs
-    from egp_deploy.checkpoint import checkpoint_from_model, load_checkpoint, save_checkpoint
-    from egp_deploy.data import load_data
-    from egp_deploy.distributed import init_distributed, shutdown
-    from egp_deploy.prune.loop import PruneConfig, accuracy, finetune, run_pruning
-    from egp_deploy.prune.train import TrainConfig
+    from egp_deploy.api import prune as run_prune
 
-    ctx = init_distributed(dist_backend)
-    try:
-        torch.manual_seed(seed)
-        ft = TrainConfig(epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                         batch_size=batch_size, schedule=schedule)
-        cfg = PruneConfig(method=method, iterations=iterations, rate=rate, tolerance=tolerance, patience=patience, finetune=ft,
-                          entropy_mode=entropy_mode, calibration_batches=calibration_batches, seed=seed,
-                          min_keep_cut=min_keep_cut, temperature=temperature)
-        cfg.validate()
-        if schedule not in ("cosine", "step", "constant"):
-            raise UsageError(f"--schedule must be cosine, step or constant, got {schedule!r}")
-        if entropy_mode not in ("dataset", "batch"):
-            raise UsageError(f"--entropy-mode must be dataset or batch, got {entropy_mode!r}")
-        src = Path(source)
-        if src.suffix in (".pt", ".pth", ".ckpt") or src.exists():
-            if arch_kwargs:
-                raise UsageError("--arch-kwargs applies to an architecture name, not to a checkpoint")
-            start = load_checkpoint(src)
-            start.build_model()  # fail early (before loading data) on an unknown architecture or weights that do not fit
-            bundle = load_data(data or start.metadata.get("data", "digits"))
-            if tuple(bundle.input_shape) != tuple(start.input_shape):
-                raise UsageError(f"data {bundle.spec} has samples of shape {bundle.input_shape}, "
-                                 f"the checkpoint expects {tuple(start.input_shape)}")
-        elif source in list_archs():
-            bundle = load_data(data or "digits")
-            kwargs = {"num_classes": bundle.num_classes, "in_channels": bundle.input_shape[0], **parse_arch_kwargs(arch_kwargs)}
-            dense_path = out / "dense.pt"
-            if resume and dense_path.is_file():
-                start = load_checkpoint(dense_path, expected_arch=source)
-            else:
-                model = create_model(source, **kwargs).to(ctx.device)
-                dense_cfg = TrainConfig(epochs=dense_epochs, lr=dense_lr, momentum=momentum,
-                                        weight_decay=weight_decay, batch_size=batch_size, schedule=schedule)
-                finetune(model, bundle, dense_cfg, None, ctx, seed, "dense", not quiet)
-                meta = {"data": bundle.spec, "method": "dense", "recipe": dense_cfg.to_json(),
-                        "test_acc": accuracy(model, bundle.test, cfg, ctx), "val_acc": accuracy(model, bundle.val, cfg, ctx)}
-                start = checkpoint_from_model(model, source, kwargs, bundle.input_shape, bundle.num_classes, meta)
-                if ctx.is_main:
-                    save_checkpoint(dense_path, start)
-                    stdout.print(f"dense {source}: test accuracy {meta['test_acc']:.2f} % -> {dense_path}")
-        else:  # exit 8 like an unknown architecture anywhere else (a checkpoint's, a tool's --arch)
-            raise UnsupportedError(f"{source!r} is neither a checkpoint file nor a known architecture "
-                                   f"({', '.join(list_archs())})")
+    result = run_prune(
+        source, out, method=_value(method), data=data, iterations=iterations, rate=rate, tolerance=tolerance,
+        patience=patience, epochs=epochs, lr=lr, dense_epochs=dense_epochs, dense_lr=dense_lr, batch_size=batch_size,
+        momentum=momentum, weight_decay=weight_decay, schedule=_value(schedule), entropy_mode=_value(entropy_mode),
+        calibration_batches=calibration_batches, min_keep_cut=min_keep_cut, temperature=temperature,
+        arch_kwargs=arch_kwargs, seed=seed, resume=resume, dist_backend=_value(dist_backend), progress=not quiet,
+        log=stdout.print,
+    )
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return
+    print_summary(result.log, result.best_iteration)
+    if tolerance is None:
+        stdout.print(f"best (no --tolerance: the last iteration): iteration {result.best_iteration} -> {result.best_path}")
+    elif result.log.get("best_within_tolerance", True):
+        stdout.print(f"best (the most pruned within {tolerance} points of dense): iteration "
+                     f"{result.best_iteration} -> {result.best_path}")
+    else:
+        stdout.print(f"no iteration is within the tolerance of the dense model; best.pt is the most "
+                     f"accurate one: iteration {result.best_iteration} -> {result.best_path}")
+    stdout.print(f"log: {out / 'log.json'}   plot: {out / 'entropy.png'}")
+    if result.log.get("stopped"):
+        stdout.print(f"stopped early: {result.log['stopped']}")
+    if _value(method) == "egp" and min_keep_cut > 0 and result.log.get("cut_layers_note"):
+        stdout.print(f"note: --min-keep-cut was not applied: {result.log['cut_layers_note']}")
 
-        result = run_pruning(start, bundle, cfg, out, ctx, resume=resume, progress=not quiet)
-        if ctx.is_main:
-            print_summary(result.log, result.best_iteration)
-            if tolerance is None:
-                stdout.print(f"best (no --tolerance: the last iteration): iteration {result.best_iteration} -> {result.best_path}")
-            elif result.log.get("best_within_tolerance", True):
-                stdout.print(f"best (the most pruned within {tolerance} points of dense): iteration "
-                             f"{result.best_iteration} -> {result.best_path}")
-            else:
-                stdout.print(f"no iteration is within the tolerance of the dense model; best.pt is the most "
-                             f"accurate one: iteration {result.best_iteration} -> {result.best_path}")
-            stdout.print(f"log: {out / 'log.json'}   plot: {out / 'entropy.png'}")
-            if result.log.get("stopped"):
-                stdout.print(f"stopped early: {result.log['stopped']}")
-            if method == "egp" and min_keep_cut > 0 and result.log.get("cut_layers_note"):
-                stdout.print(f"note: --min-keep-cut was not applied: {result.log['cut_layers_note']}")
-    except EgpError as e:
-        if ctx.enabled and not ctx.is_main:
-            raise type(e)(f"(rank {ctx.rank}) {e}") from None
-        raise
-    finally:
-        shutdown(ctx)
+
+def _value(choice):
+    """An Enum choice's value (the option may be declared as an Enum or as plain text)."""
+    return getattr(choice, "value", choice)
 
 
 def print_summary(log: dict, best: int) -> None:

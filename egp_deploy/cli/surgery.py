@@ -1,16 +1,18 @@
-"""egp-surgery: strip collapsed layers from an ONNX graph, verified against the input graph."""
+"""egp-surgery: strip collapsed layers from an ONNX graph, verified against the input graph.
+
+Parses arguments, calls :func:`egp_deploy.api.surgery_file` and prints."""
 
 from __future__ import annotations
 
 import os
+
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 
 from egp_deploy.cli._common import choices, console, new_app, run_app, stdout
-from egp_deploy.errors import DataError, InputFileError, UsageError, first_words
+from egp_deploy.errors import UsageError
 
 Cost = choices("Cost", ("macs", "latency"))
 LatencyBackend = choices("LatencyBackend", ("ort-cpu", "ort-cuda", "ort-trt"))
@@ -20,61 +22,6 @@ app = new_app(
     "states on calibration data, strip always-linear activations, eliminate dead channels and constant "
     "layers, merge linear chains where exact; verify against the input and write only if it matches."
 )
-
-
-def _load_model(path: Path):
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    if not path.is_file():
-        raise InputFileError(f"ONNX file not found: {path}")
-    try:
-        model = onnx.load(str(path))
-    except (DecodeError, ValueError, RuntimeError, OSError) as e:
-        raise InputFileError(f"{path} is not a readable ONNX model ({type(e).__name__}: "
-                             f"{str(e).strip().splitlines()[0] if str(e).strip() else 'truncated or not protobuf'})") from None
-    except Exception as e:  # protobuf's C++ parser and onnx's checker raise their own types
-        reason = f": {first_words(e)}" if str(e).strip() else ""
-        raise InputFileError(f"{path} is not a readable ONNX model ({type(e).__name__}{reason})") from None
-    if not model.graph.node:
-        raise InputFileError(f"{path} is not an ONNX model (no graph nodes)")
-    return model
-
-
-def _input_shape(model) -> tuple[list[int | None], str]:
-    init = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in init]
-    if len(inputs) != 1:
-        raise DataError(f"the model has {len(inputs)} inputs; egp-surgery supports exactly one")
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
-    return dims, inputs[0].name
-
-
-def load_samples(spec: str, model, n: int, split: str, seed: int) -> np.ndarray:
-    """Samples from a data spec (digits | cifar10:DIR | folder:DIR | plugin:mod:func), a .npy file,
-    or 'random' (standard normal in the model's input shape)."""
-    dims, name = _input_shape(model)
-    if spec == "random":
-        if any(d is None for d in dims[1:]):
-            raise DataError(f"random calibration needs a static input shape; {name!r} is {dims}: "
-                            "pass --calibration with real data")
-        rng = np.random.default_rng(seed)
-        return rng.standard_normal([n] + [int(d) for d in dims[1:]]).astype(np.float32)
-    if spec.endswith(".npy"):
-        path = Path(spec)
-        if not path.is_file():
-            raise DataError(f"calibration file not found: {path}")
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except Exception as e:
-            raise DataError(f"cannot read {path} as a .npy array: {type(e).__name__}: {e}") from None
-        return arr[:n]
-    from egp_deploy.data import calibration_batch, load_data
-
-    size = dims[2] if len(dims) == 4 and isinstance(dims[2], int) else None
-    chans = dims[1] if len(dims) == 4 and isinstance(dims[1], int) else None
-    bundle = load_data(spec, image_size=size, channels=chans)
-    return calibration_batch(bundle, n, split).numpy()
 
 
 @app.command()
@@ -127,64 +74,29 @@ def surgery(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table, no progress bar."),
 ) -> None:
     """Rewrite INPUT into a shallower, narrower graph and write it to OUTPUT after verification."""
-    from egp_deploy import validation as check
+    from egp_deploy.validation import validate_options
 
-    check.validate_options("surgery", locals())
-    files = [input] + [Path(p) for p in (calibration, held_out) if p and Path(p).is_file()]
-    check.check_outputs(files, {"OUTPUT": output, "--report": report, "--plot": plot,
-                                "--latency-table": latency_table})
-    check.check_sample_file("--calibration", calibration)
-    check.check_sample_file("--held-out", held_out)
-    from egp_deploy.io_utils import atomic_files
-    from egp_deploy.surgery import SurgeryOptions, optimize
-    from egp_deploy.surgery.report import print_report, save_report_plot
-
-    model = _load_model(input)
-    check.check_onnx_model_inputs(model, "egp-surgery", samples + held_out_samples, float32_only=True)
-    check.check_finite_weights(model)
+    validate_options("surgery", locals())
     if cost == "macs" and (latency_table is not None or backend != "ort-cpu"):
         raise UsageError("--backend and --latency-table choose how merges are timed: they need --cost latency")
-    latency = dict(cost=str(cost), latency_backend=str(backend), latency_margin=latency_margin,
-                   latency_table=None if latency_table is None else os.fspath(latency_table))
-    if cost == "latency":  # a missing backend or a bad table fails now, before any work
-        from egp_deploy.surgery.latency import make_cost_model
+    from egp_deploy.api import surgery_file
+    from egp_deploy.cli.export import say
+    from egp_deploy.surgery.report import print_report
 
-        make_cost_model(SurgeryOptions(**latency))
-    if calibration is None:
-        console.print("[yellow]warning:[/] no --calibration given: using random normal inputs. Activation "
-                      "statistics of random inputs say little about real data; only exact rewrites can be trusted.")
-        calibration = "random"
-    cal = load_samples(calibration, model, samples + (held_out_samples if calibration.endswith(".npy") else 0),
-                       "val", seed=0)
-    held = None
-    if held_out is None and calibration.endswith(".npy"):
-        # one array given: keep a quarter of it (at least 2 samples) unseen by the measurement
-        if cal.shape[0] >= 8:
-            n_held = min(held_out_samples, max(2, cal.shape[0] // 4))
-            cal, held = cal[:-n_held], cal[-n_held:]
-        held_spec = f"{calibration} (last {0 if held is None else held.shape[0]} samples)"
-    else:
-        held_spec = held_out or ("random" if calibration == "random" else calibration)
-        if not (held_spec == "random" and any(d is None for d in _input_shape(model)[0][1:])):
-            held = load_samples(held_spec, model, held_out_samples, "test", seed=1)
-    options = SurgeryOptions(
+    options = dict(
         tolerance=tolerance, max_mac_growth=max_mac_growth, allow_inexact_merge=allow_inexact_merge,
-        channel_multiple=channel_multiple, simplify_layout_chains=simplify_layout_chains, strip_activations=strip, min_held_out_agreement=min_agreement, batch_size=batch_size,
-        threads=threads, progress=not quiet, **latency,
+        channel_multiple=channel_multiple, simplify_layout_chains=simplify_layout_chains, strip_activations=strip,
+        min_held_out_agreement=min_agreement, batch_size=batch_size, threads=threads, progress=not quiet,
         linearize_smooth=linearize_smooth, max_data_dependent_error=max_data_dependent_error,
+        cost=str(cost), latency_backend=str(backend), latency_margin=latency_margin,
+        latency_table=None if latency_table is None else os.fspath(latency_table),
     )
-    result = optimize(model, cal, held, options)
+    warn = lambda line: say(line) if (not quiet or line.startswith("warning:")) else None  # noqa: E731
+    result = surgery_file(input, output, calibration=calibration, held_out=held_out, samples=samples,
+                          held_out_samples=held_out_samples, options=options, report=report, plot=plot, log=warn)
     if quiet:  # print_report shows them otherwise
         for w in result.report.get("warnings") or []:
             console.print(f"[yellow]warning:[/] {w}")
-    result.report["files"] = {"input": os.fspath(input), "output": os.fspath(output),
-                              "calibration": calibration, "held_out": held_spec if held is not None else None}
-    with atomic_files() as outputs:  # model, report and plot appear together or not at all
-        outputs.write_bytes(output, result.model.SerializeToString())
-        if report is not None:
-            outputs.write_json(report, result.report)
-        if plot is not None:
-            save_report_plot(result.report, outputs.path(plot))
     if not quiet:
         print_report(result.report, stdout)
         _print_planner(result.report.get("merge_planner") or {})

@@ -313,11 +313,11 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
         del log["stopped"]  # resumed with a wider tolerance or more patience: the run goes on
     masks = M.masks_from_zeros(model, masked_layers)
 
-    from tqdm.auto import tqdm
+    from egp_deploy.progress import progress_bar
 
     done = log["iterations"][-1]["iteration"]
-    bar = tqdm(range(done + 1, cfg.iterations + 1), desc=f"{cfg.method} iterations", disable=not (progress and ctx.is_main),
-               initial=done, total=cfg.iterations, dynamic_ncols=True)
+    bar = progress_bar(range(done + 1, cfg.iterations + 1), desc=f"{cfg.method} iterations",
+                       disable=not (progress and ctx.is_main), initial=done, total=cfg.iterations, unit="iter")
     for it in bar:
         if log.get("stopped"):
             break
@@ -366,15 +366,13 @@ def _save(out: Path, it: int, model: nn.Module, start: Checkpoint, rec: dict, cf
 
 def plot_entropy(log: dict, path: Path) -> None:
     """Heat map: layer entropy per activation site (columns) per iteration (rows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures stay untouched
 
     recs = log["iterations"]
     names = list(recs[0]["entropy"])
     grid = [[r["entropy"].get(n, 0.0) for n in names] for r in recs]
-    fig, ax = plt.subplots(figsize=(max(6, 0.38 * len(names) + 2), 1.2 + 0.42 * len(recs)))
+    fig = Figure(figsize=(max(6, 0.38 * len(names) + 2), 1.2 + 0.42 * len(recs)))
+    ax = fig.subplots()
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=max(1e-9, max(map(max, grid))))
     ax.set_xticks(range(len(names)), names, rotation=70, ha="right", fontsize=7)
     ax.set_yticks(range(len(recs)), [f"{r['iteration']} ({100 * r['sparsity_prunable']:.1f}%)" for r in recs], fontsize=8)
@@ -388,4 +386,3 @@ def plot_entropy(log: dict, path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)

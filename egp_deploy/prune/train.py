@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from egp_deploy.progress import progress_bar
 
 from egp_deploy.errors import NonFiniteError
 from egp_deploy.prune.masks import Masks, enforce_masks
@@ -72,7 +72,7 @@ def train_one_epoch(
     # masks are keyed by the bare model's parameter names; a DDP wrapper prefixes them with "module."
     net = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     loss_sum, correct, seen = 0.0, 0, 0
-    it = tqdm(loader, desc=progress, leave=False, disable=progress is None, dynamic_ncols=True)
+    it = progress_bar(loader, desc=progress, leave=False, disable=progress is None, unit="batch")
     for x, y in it:
         x, y = x.to(device), y.to(device)
         out = model(x)
@@ -127,7 +127,7 @@ def fit(
         enforce_masks(model, masks)
     history = []
     epochs = range(cfg.epochs)
-    bar = tqdm(epochs, desc=desc, leave=False, disable=not show_progress, dynamic_ncols=True)
+    bar = progress_bar(epochs, desc=desc, leave=False, disable=not show_progress, unit="epoch")
     for epoch in bar:
         lr = lr_at(cfg, epoch)
         for g in opt.param_groups:

@@ -325,7 +325,7 @@ def measure_activation_stats(
 
     bar = None
     if progress:
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
 
         bar = tqdm(total=data.shape[0], desc="activation stats", unit="sample", leave=False)
 

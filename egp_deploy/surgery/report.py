@@ -186,10 +186,7 @@ def _describe(key: str, it: dict[str, Any]) -> str:
 
 def save_report_plot(report: dict[str, Any], path) -> None:
     """Grouped bars: each metric after surgery as a share of before (PNG, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend and figures stay untouched
 
     from egp_deploy.io_utils import atomic_path
 
@@ -201,7 +198,8 @@ def save_report_plot(report: dict[str, Any], path) -> None:
             labels.append(label)
             ratios.append(a / b)
             texts.append(f"{_fmt(b)} -> {_fmt(a)}")
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(labels) + 1.5))
+    fig = Figure(figsize=(8, 0.5 * len(labels) + 1.5))
+    ax = fig.subplots()
     y = range(len(labels))
     ax.barh(list(y), [1.0] * len(labels), color="#cccccc", label="before")
     ax.barh(list(y), ratios, color="#2a7ab9", height=0.5, label="after")
@@ -217,4 +215,3 @@ def save_report_plot(report: dict[str, Any], path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
