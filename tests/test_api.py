@@ -24,11 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = (1, 32, 32)
 
 
-def _snippet() -> str:
-    text = (ROOT / "docs" / "api.md").read_text()
+def _snippet(doc: str = "docs/api.md") -> str:
+    text = (ROOT / doc).read_text()
     match = re.search(r"<!-- snippet:from-python -->\s*```python\n(.*?)```", text, re.S)
-    assert match, "docs/api.md lost its From Python snippet"
+    assert match, f"{doc} lost its From Python snippet"
     return match.group(1)
+
+
+def test_readme_shows_the_snippet_that_runs():
+    # the README's "From Python" code is the one the test below executes, character for character
+    assert _snippet("README.md") == _snippet("docs/api.md")
 
 
 @pytest.mark.slow

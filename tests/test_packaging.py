@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DIST = "egp-deploy"
 # import name -> distribution name, where they differ
 IMPORT_TO_DIST = {"sklearn": "scikit-learn", "PIL": "pillow", "onnx_graphsurgeon": "onnx-graphsurgeon",
-                  "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
+                  "onnxruntime": "onnxruntime", "tensorrt": "tensorrt",
+                  # cli/_common falls back to click only under the typer releases that depend on it
+                  "click": "typer"}
 # optional backends, imported only behind a probe: declared as extras, not as dependencies
 OPTIONAL = {"onnxruntime", "tensorrt", "onnxsim", "onnxslim"}
 

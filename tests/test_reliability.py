@@ -709,7 +709,7 @@ class _ReachedTheWork(BaseException):
 _WORK = {  # the first call that does real work, per command (stubbed: the fuzz checks what comes before)
     "bench": ("egp_deploy.bench", "benchmark_models"), "check": ("egp_deploy.bench", "benchmark_models"),
     "build": ("egp_deploy.build", "build_engine"), "export": ("egp_deploy.export", "load_source"),
-    "surgery": ("egp_deploy.cli.surgery", "_load_model"), "prune": ("egp_deploy.distributed", "init_distributed"),
+    "surgery": ("egp_deploy.api", "_load_onnx"), "prune": ("egp_deploy.distributed", "init_distributed"),
 }
 
 _VALUES = st.one_of(
