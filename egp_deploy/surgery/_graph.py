@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-_counter = itertools.count()
+from egp_deploy.surgery.changes import next_name_index
 
 
 def fresh_name(base: str) -> str:
-    """A tensor name no pass has used yet (graphsurgeon does not dedupe names for us)."""
-    return f"{base}__egp{next(_counter)}"
+    """A tensor name no pass of this surgery has used yet (graphsurgeon does not dedupe names for
+    us); numbered per surgery (changes.name_scope), so the same model gives the same names."""
+    return f"{base}__egp{next_name_index()}"
 
 
 def const_value(t: gs.Tensor | None) -> np.ndarray | None:
