@@ -253,3 +253,13 @@ def set_list(lst, items) -> None:
     items = list(items)
     lst.clear()
     lst.extend(items)
+
+
+def add_constant_after(graph: gs.Graph, node: gs.Node, const: np.ndarray) -> None:
+    """node's output := node's output + const (an Add node; the output name is kept)."""
+    out = node.outputs[0]
+    mid = gs.Variable(fresh_name(out.name + ".pre_border"), dtype=out.dtype, shape=out.shape)
+    node.outputs[0] = mid
+    graph.nodes.append(gs.Node("Add", name=fresh_name((node.name or "conv") + "/egp_border_bias"),
+                               inputs=[mid, new_const(const, (node.name or "conv") + ".border_bias")],
+                               outputs=[out]))
