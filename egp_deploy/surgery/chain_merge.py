@@ -34,7 +34,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from egp_deploy.surgery._graph import (
-    add_constant_after, set_conv_attrs, set_conv_weights, set_gemm_weights, set_list, static_shape,
+    add_constant_after, set_conv_attrs, set_conv_weights, set_gemm_weights, static_shape,
 )
 from egp_deploy.surgery.affine_maps import Affine, add_identity, compose, layer_affine
 
@@ -296,7 +296,7 @@ def _rewrite_segment(graph: gs.Graph, chain: Chain, cand: Candidate, allow_inexa
         set_conv_attrs(node, m.attrs())
         set_conv_weights(node, m.w.astype(np.float32), m.bias.astype(np.float32))
     node.inputs[0] = chain.inputs[a]
-    set_list(node.outputs, [out])
+    node.outputs = [out]
     if m.border_map is not None:
         add_constant_after(graph, node, m.border_map.astype(np.float32)[None])
     if a == b:

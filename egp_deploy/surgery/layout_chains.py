@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from egp_deploy.surgery._graph import fresh_name, new_const, only_consumer, producer, set_list
+from egp_deploy.surgery._graph import fresh_name, new_const, only_consumer, producer
 from egp_deploy.surgery.layout_ops import LAYOUT_OPS, MAX_INDEX_ELEMENTS, _clear, _fully_static, _perm
 
 
@@ -197,7 +197,7 @@ def simplify_layout_chains(graph: gs.Graph) -> list[dict[str, Any]]:
         _clear(*chain)
         if not best:
             for reader in list(y.outputs):
-                set_list(reader.inputs, [x if t is y else t for t in reader.inputs])
+                reader.inputs = [x if t is y else t for t in reader.inputs]
         unused = list(zip(names, before))
         current = x
         for i, (kind, arg) in enumerate(best):

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from egp_deploy.surgery._graph import bypass, const_value, fresh_name, new_const, only_consumer, producer, set_list
+from egp_deploy.surgery._graph import bypass, const_value, fresh_name, new_const, only_consumer, producer
 
 RESHAPE_LIKE = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 LAYOUT_OPS = RESHAPE_LIKE + ("Transpose",)
@@ -75,7 +75,7 @@ def fold_constant_transposes(graph: gs.Graph) -> list[dict[str, Any]]:
         if len(c.outputs) == 1:
             folded = new_const(np.ascontiguousarray(values.transpose(perm)), c.name + ".T")
             for reader in list(out.outputs):
-                set_list(reader.inputs, [folded if x is out else x for x in reader.inputs])
+                reader.inputs = [folded if x is out else x for x in reader.inputs]
             records.append({"node": node.name, "constant": c.name, "how": "folded"})
             _clear(node)
             continue
@@ -114,7 +114,7 @@ def compose_transposes(graph: gs.Graph) -> list[dict[str, Any]]:
                 _clear(first)
         if perm == list(range(len(perm))):
             name = node.name
-            set_list(node.inputs, node.inputs[:1])
+            node.inputs = node.inputs[:1]
             if bypass(graph, node):
                 records.append({"node": name, "absorbed": absorbed, "result": "identity removed"})
                 continue
@@ -140,7 +140,7 @@ def unit_transposes_to_reshapes(graph: gs.Graph) -> list[dict[str, Any]]:
         target = np.array([int(shape[p]) for p in perm], np.int64)
         node.op = "Reshape"
         node.attrs = {}
-        set_list(node.inputs, [node.inputs[0], new_const(target, node.name + ".shape")])
+        node.inputs = [node.inputs[0], new_const(target, node.name + ".shape")]
         records.append({"node": node.name, "perm": perm, "shape": [int(d) for d in shape]})
     return records
 
@@ -218,9 +218,9 @@ def sink_reshapes_through_matmuls(graph: gs.Graph) -> list[dict[str, Any]]:
         product = gs.Variable(fresh_name(mm.name + "_unshaped"), dtype=mm.outputs[0].dtype)
         mm_out = mm.outputs[0]
         mm.inputs[0] = x
-        set_list(mm.outputs, [product])
-        set_list(node.inputs, [product, new_const(target, node.name + ".shape")])
-        set_list(node.outputs, [mm_out])
+        mm.outputs = [product]
+        node.inputs = [product, new_const(target, node.name + ".shape")]
+        node.outputs = [mm_out]
         records.append({"node": node.name, "matmul": mm.name})
     if records:
         graph.cleanup().toposort()

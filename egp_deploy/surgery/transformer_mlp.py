@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from egp_deploy.surgery._graph import const_value, fresh_name, new_const, set_list, static_shape
+from egp_deploy.surgery._graph import const_value, fresh_name, new_const, static_shape
 from egp_deploy.surgery.constant_channels import BINARY, UNARY_FN
 from egp_deploy.surgery.dead_channels import aligned_keep
 
@@ -198,6 +198,6 @@ def narrow_token_mlps(graph: gs.Graph, module_of: Callable[[str], str | None] = 
 def _append_bias(graph: gs.Graph, fc2: gs.Node, bias: np.ndarray) -> None:
     out = fc2.outputs[0]
     mid = gs.Variable(fresh_name(out.name + ".pre_bias"), dtype=out.dtype, shape=out.shape)
-    set_list(fc2.outputs, [mid])
+    fc2.outputs = [mid]
     graph.nodes.append(gs.Node("Add", name=fresh_name((fc2.name or "fc2") + "/egp_bias"),
                                inputs=[mid, new_const(bias, (fc2.name or "fc2") + ".bias")], outputs=[out]))
