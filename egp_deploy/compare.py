@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from egp_deploy.errors import UsageError
+from egp_deploy.numeric import relative_error as _relative_error
 from egp_deploy.runners import Runner, get_runner, random_inputs, resolve_input_shapes
 from egp_deploy.runners.base import ShapeTriple
 
@@ -54,21 +55,11 @@ class ComparisonResult:
 
 
 def relative_error(y: np.ndarray, ref: np.ndarray) -> tuple[float, float, float, bool]:
-    """(max |y-ref|, max |ref|, relative error, both finite); inf error if anything is non-finite."""
-    y = np.asarray(y, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    if y.shape != ref.shape:
-        raise UsageError(f"output shapes differ: {list(y.shape)} vs reference {list(ref.shape)}")
-    finite = bool(np.isfinite(y).all() and np.isfinite(ref).all())
-    if not finite:
-        return math.inf, math.inf, math.inf, False
-    if y.size == 0:
-        return 0.0, 0.0, 0.0, True
-    abs_err = float(np.max(np.abs(y - ref)))
-    scale = float(np.max(np.abs(ref)))
-    # an all-zero reference: fall back to the absolute error (any nonzero output is a mismatch)
-    rel = abs_err / scale if scale > 0 else abs_err
-    return abs_err, scale, rel, True
+    """egp_deploy.numeric.relative_error, with a shape mismatch as the user's error."""
+    try:
+        return _relative_error(y, ref)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def compare_outputs(

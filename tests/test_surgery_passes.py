@@ -355,6 +355,17 @@ def test_compare_never_passes_nan_or_shape_change():
     assert compare([y], [y])["rel_error"] == 0.0 and compare([y], [y])["top1_agreement"] == 1.0
 
 
+def _replace_merge(monkeypatch, fn):
+    """Swap the registered merge pass for ``fn(graph) -> records`` (a deliberately wrong rewrite)."""
+    import dataclasses
+
+    from egp_deploy.surgery.changes import Change
+    from egp_deploy.surgery.passes import REGISTRY
+
+    wrong = dataclasses.replace(REGISTRY["merge_linear"], run=lambda g, ctx: [Change("merged", r) for r in fn(g)])
+    monkeypatch.setitem(REGISTRY, "merge_linear", wrong)
+
+
 def test_optimize_refuses_a_wrong_rewrite(monkeypatch):
     import egp_deploy.surgery.pipeline as pipeline
 
@@ -365,7 +376,7 @@ def test_optimize_refuses_a_wrong_rewrite(monkeypatch):
                 return [{"kind": "x", "first": node.name, "second": node.name, "exact": True}]
         return []
 
-    monkeypatch.setattr(pipeline, "merge_linear", corrupting_merge)
+    _replace_merge(monkeypatch, corrupting_merge)
     model = export_module(nn.Sequential(nn.Conv2d(2, 2, 1)), (1, 2, 3, 3), dynamic=True)
     with pytest.raises(VerificationError, match="calibration"):
         pipeline.optimize(model, randn(4, 2, 3, 3), None, SurgeryOptions(max_rounds=1))
@@ -399,7 +410,7 @@ def test_a_wrong_rewrite_of_an_ill_conditioned_graph_is_still_refused(monkeypatc
         node.inputs[1].values = node.inputs[1].values * 1.05
         return [{"kind": "x", "first": node.name, "second": node.name, "exact": True}]
 
-    monkeypatch.setattr(pipeline, "merge_linear", corrupting_merge)
+    _replace_merge(monkeypatch, corrupting_merge)
     model = export_module(cancelling_pair(eps=1e-2), (1, 16, 12, 12), dynamic=True)
     with pytest.raises(VerificationError, match="calibration"):
         pipeline.optimize(model, randn(16, 16, 12, 12), None, SurgeryOptions(max_rounds=1))

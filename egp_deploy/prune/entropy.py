@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from egp_deploy.errors import NonFiniteError
+from egp_deploy.numeric import region_entropy_bits
 from egp_deploy.prune.sites import PROXY_KINDS, Site, find_sites
 
 REGIONS = {
@@ -64,12 +65,10 @@ def region_counts(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def _entropy_bits(counts: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy (bits) of each row of a (C, R) count table; 0 for empty rows."""
-    c = counts.double()
-    total = c.sum(dim=1, keepdim=True).clamp_min(1)
-    p = c / total
-    h = -(p * torch.where(p > 0, p.log2(), torch.zeros_like(p))).sum(dim=1)
-    return h.clamp_min(0.0)
+    """Shannon entropy (bits) of each row of a (C, R) count table (egp_deploy.numeric, shared with
+    the surgery's ONNX-level statistics); 0 for empty rows."""
+    h = region_entropy_bits(counts.detach().cpu().numpy())
+    return torch.from_numpy(h).to(counts.device)
 
 
 def _layer_entropy(channel_h: torch.Tensor, degenerate: torch.Tensor) -> float:

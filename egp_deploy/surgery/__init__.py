@@ -4,6 +4,7 @@
     result = optimize(model, calibration, held_out)   # result.model, result.report
 """
 
+from egp_deploy.surgery.passes import pass_names
 from egp_deploy.surgery.pipeline import SurgeryOptions, SurgeryResult, optimize
 
-__all__ = ["SurgeryOptions", "SurgeryResult", "optimize"]
+__all__ = ["SurgeryOptions", "SurgeryResult", "optimize", "pass_names"]

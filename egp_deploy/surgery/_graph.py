@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-_counter = itertools.count()
+from egp_deploy.surgery.changes import next_name_index
 
 
 def fresh_name(base: str) -> str:
-    """A tensor name no pass has used yet (graphsurgeon does not dedupe names for us)."""
-    return f"{base}__egp{next(_counter)}"
+    """A tensor name no pass of this surgery has used yet (graphsurgeon does not dedupe names for
+    us); numbered per surgery (changes.name_scope), so the same model gives the same names."""
+    return f"{base}__egp{next_name_index()}"
 
 
 def const_value(t: gs.Tensor | None) -> np.ndarray | None:
@@ -87,7 +87,7 @@ def redirect(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> bool:
     if old in graph.outputs:
         return False
     for node in list(old.outputs):
-        set_list(node.inputs, [new if x is old else x for x in node.inputs])
+        node.inputs = [new if x is old else x for x in node.inputs]
     return True
 
 
@@ -99,7 +99,7 @@ def bypass(graph: gs.Graph, node: gs.Node, keep: int = 0) -> bool:
         p = producer(x) if isinstance(x, gs.Variable) else None
         if p is None or x in graph.outputs or len(x.outputs) != 1:
             return False
-        set_list(p.outputs, [y if o is x else o for o in p.outputs])
+        p.outputs = [y if o is x else o for o in p.outputs]
         node.outputs.clear()
         node.inputs.clear()
         return True
@@ -160,7 +160,7 @@ def set_conv_weights(node: gs.Node, w: np.ndarray, b: np.ndarray | None) -> None
     inputs = [node.inputs[0], new_const(w.astype(np.float32, copy=False), base + ".weight")]
     if b is not None:
         inputs.append(new_const(b.astype(np.float32, copy=False), base + ".bias"))
-    set_list(node.inputs, inputs)
+    node.inputs = inputs
 
 
 def gemm_weights(node: gs.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -191,7 +191,7 @@ def set_gemm_weights(node: gs.Node, w: np.ndarray, c: np.ndarray | None) -> None
     inputs = [node.inputs[0], new_const(np.ascontiguousarray(w.T).astype(np.float32), base + ".weight")]
     if c is not None:
         inputs.append(new_const(c.astype(np.float32), base + ".bias"))
-    set_list(node.inputs, inputs)
+    node.inputs = inputs
     node.attrs = {"alpha": 1.0, "beta": 1.0, "transA": 0, "transB": 1}
 
 
@@ -248,8 +248,11 @@ def opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-def set_list(lst, items) -> None:
-    """Replace a node's inputs/outputs (graphsurgeon's synchronised lists mishandle slice assignment)."""
-    items = list(items)
-    lst.clear()
-    lst.extend(items)
+def add_constant_after(graph: gs.Graph, node: gs.Node, const: np.ndarray) -> None:
+    """node's output := node's output + const (an Add node; the output name is kept)."""
+    out = node.outputs[0]
+    mid = gs.Variable(fresh_name(out.name + ".pre_border"), dtype=out.dtype, shape=out.shape)
+    node.outputs[0] = mid
+    graph.nodes.append(gs.Node("Add", name=fresh_name((node.name or "conv") + "/egp_border_bias"),
+                               inputs=[mid, new_const(const, (node.name or "conv") + ".border_bias")],
+                               outputs=[out]))

@@ -6,7 +6,9 @@ the data counts, per channel, how often each linear region is hit:
     Clip (ReLU6)      off: x <= min          lin: min < x < max    sat: x >= max
     LeakyRelu/PRelu   neg: x <= 0 (slope a)  lin: x > 0
 A channel whose samples all fall in one region is a linear map there (identity, constant, or a
-scale); a layer whose channels are all like that has zero entropy and can be stripped.
+scale); a layer whose channels are all like that has zero entropy and can be stripped. Channel and
+layer entropy are egp_deploy.numeric's, the same as egp-prune's: the Shannon entropy of the region
+counts (three regions for Clip/ReLU6, so a channel split between OFF and saturated has entropy).
 
 Smooth activations are measured too, with EGP's ON proxy (pre-activation > 0; "lin" counts ON):
 Gelu (one op, or its Erf form x*0.5*(1+erf(x/sqrt2)): the Erf's input has the sign of x),
@@ -25,6 +27,7 @@ import numpy as np
 import onnx
 
 from egp_deploy.errors import DataError, NonFiniteError, UnsupportedError
+from egp_deploy.numeric import layer_entropy, region_entropy_bits
 
 RECTIFIERS = ("Relu", "Clip", "LeakyRelu", "PRelu")
 SMOOTH = ("Gelu", "Erf", "Tanh", "Sigmoid", "HardSwish", "HardSigmoid", "Mish", "Softplus")
@@ -71,19 +74,19 @@ class ActivationStats:
             states[c == self.total] = region
         return states
 
+    def region_table(self) -> np.ndarray:
+        """(C, R) counts per channel and region, R = the regions of this activation."""
+        return np.stack([np.asarray(c) for c in self.counts.values()], axis=1)
+
     def channel_entropy(self) -> np.ndarray:
-        """Binary entropy (bits) of ON vs not-ON per channel, as EGP defines it."""
-        p = np.clip(self.on_probability, 0.0, 1.0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            h = -(p * np.log2(p) + (1 - p) * np.log2(1 - p))
-        return np.nan_to_num(h, nan=0.0)
+        """Entropy (bits) of each channel's region distribution (egp_deploy.numeric, as egp-prune
+        computes it): ON vs not-ON for two-region activations, off/linear/saturated for ReLU6/Clip."""
+        return region_entropy_bits(self.region_table())
 
     @property
     def layer_entropy(self) -> float:
-        """Mean entropy of the non-degenerate channels, 0 if all are degenerate (EGP's normalisation)."""
-        p = self.on_probability
-        live = (p > 0) & (p < 1)
-        return float(self.channel_entropy()[live].mean()) if live.any() else 0.0
+        """Mean entropy of the channels that are not always in one region, 0 if none (EGP's normalisation)."""
+        return layer_entropy(self.region_table())
 
     @property
     def zero_entropy(self) -> bool:

@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 
 from egp_deploy.surgery._graph import (
     bypass, channel_vector, const_value, constant_operand, conv_weights, gemm_weights, only_consumer, producer,
-    set_conv_weights, set_gemm_weights, set_list, static_shape,
+    set_conv_weights, set_gemm_weights, static_shape,
 )
 from egp_deploy.surgery.constant_offsets import merge_constant_adds, push_constant_adds, split_relu_offsets
 from egp_deploy.surgery.fuse_linear_ops import fuse_linear_ops
@@ -85,7 +85,7 @@ def merge_slices(graph: gs.Graph) -> list[dict[str, Any]]:
             continue
         merged = [np.concatenate([a, b]) for a, b in zip(p_in[0], p_out[0])]
         names = ("starts", "ends", "axes", "steps")
-        set_list(outer.inputs, [p_in[1]] + [gs.Constant(f"{outer.name}.{n}__merged", v) for n, v in zip(names, merged)])
+        outer.inputs = [p_in[1]] + [gs.Constant(f"{outer.name}.{n}__merged", v) for n, v in zip(names, merged)]
         inner.outputs.clear()
         done.append({"node": outer.name, "absorbed": inner.name})
     if done:
@@ -98,12 +98,12 @@ def remove_identities(graph: gs.Graph) -> list[str]:
     for node in list(graph.nodes):
         noop = _noop_pad_or_slice(node)
         if noop:
-            set_list(node.inputs, node.inputs[:1])
+            node.inputs = node.inputs[:1]
         if node.op == "Identity" or noop or (node.op == "Dropout" and _dropout_is_identity(graph, node)):
             name = node.name
             if node.op == "Dropout":
-                set_list(node.outputs, node.outputs[:1])
-                set_list(node.inputs, node.inputs[:1])
+                node.outputs = node.outputs[:1]
+                node.inputs = node.inputs[:1]
             if bypass(graph, node):
                 removed.append(name)
     graph.cleanup()
@@ -200,8 +200,8 @@ def fold_affine(graph: gs.Graph) -> list[dict[str, Any]]:
             p, wb, kind = target
             _apply_affine(p, wb, kind, scale.astype(np.float32), shift.astype(np.float32))
             name = node.name
-            set_list(node.inputs, [x_var])
-            set_list(node.outputs, node.outputs[:1])
+            node.inputs = [x_var]
+            node.outputs = node.outputs[:1]
             if bypass(graph, node):
                 folded.append({"node": name, "op": node.op, "into": p.name})
                 changed = True
@@ -234,7 +234,7 @@ def remove_neutral_elementwise(graph: gs.Graph) -> list[str]:
             if getattr(x, "dtype", None) is not None and c.dtype != np.dtype(x.dtype):
                 continue
             name = node.name
-            set_list(node.inputs, [x])
+            node.inputs = [x]
             if bypass(graph, node):
                 removed.append(name)
             break

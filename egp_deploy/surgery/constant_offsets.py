@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from egp_deploy.surgery._graph import (
     bypass, channel_vector, constant_operand, conv_attrs, conv_weights, dense_conv_weight, gemm_weights,
-    has_padding, new_const, only_consumer, producer, set_conv_weights, set_gemm_weights, set_list, static_shape,
+    has_padding, new_const, only_consumer, producer, set_conv_weights, set_gemm_weights, static_shape,
 )
 
 
@@ -55,7 +55,7 @@ def merge_constant_adds(graph: gs.Graph) -> list[dict[str, Any]]:
         total = a + b
         if not _broadcast_keeps_shape(total, x) or static_shape(x) != static_shape(outer.outputs[0]):
             continue
-        set_list(outer.inputs, [x, new_const(total, outer.name + ".offset")])
+        outer.inputs = [x, new_const(total, outer.name + ".offset")]
         done.append({"node": outer.name, "absorbed": inner.name})
     if done:
         graph.cleanup().toposort()
@@ -86,8 +86,8 @@ def split_relu_offsets(graph: gs.Graph) -> list[dict[str, Any]]:
             shifted = gs.Variable(x.name + "__offset", dtype=x.dtype, shape=x.shape)
             graph.nodes.append(gs.Node("Add", name=inner.name + "/egp_offset",
                                        inputs=[x, new_const(low, inner.name + ".offset")], outputs=[shifted]))
-            set_list(inner.inputs, [shifted])
-        set_list(add.inputs, [r, new_const(high, add.name + ".offset")])
+            inner.inputs = [shifted]
+        add.inputs = [r, new_const(high, add.name + ".offset")]
         name = outer.name
         if bypass(graph, outer):
             done.append({"node": name, "into": inner.name, "negative_offsets": int((low != 0).sum()),
@@ -141,12 +141,12 @@ def _push_one(graph: gs.Graph, add: gs.Node, x: gs.Tensor, vec: np.ndarray, nxt:
         rank = len(static_shape(out) or [])
         if rank < 2:
             return None
-        set_list(nxt.inputs, [x])
+        nxt.inputs = [x]
         moved = gs.Variable(out.name + "__pre_offset", dtype=out.dtype, shape=out.shape)
-        set_list(nxt.outputs, [moved])
-        set_list(add.inputs, [moved, new_const(vec.astype(np.float32).reshape((1, -1) + (1,) * (rank - 2)),
-                                               add.name + ".offset")])
-        set_list(add.outputs, [out])
+        nxt.outputs = [moved]
+        add.inputs = [moved, new_const(vec.astype(np.float32).reshape((1, -1) + (1,) * (rank - 2)),
+                                               add.name + ".offset")]
+        add.outputs = [out]
         return {"node": add.name, "through": nxt.name}
     if nxt.op == "Conv" and nxt.inputs[0] is y:
         wb = conv_weights(nxt)
@@ -173,7 +173,7 @@ def _push_one(graph: gs.Graph, add: gs.Node, x: gs.Tensor, vec: np.ndarray, nxt:
         set_gemm_weights(nxt, w, (base + vec @ w.astype(np.float64)).astype(np.float32))
     else:
         return None
-    set_list(nxt.inputs, [x] + list(nxt.inputs[1:]))
+    nxt.inputs = [x] + list(nxt.inputs[1:])
     add.inputs.clear()
     add.outputs.clear()
     return {"node": add.name, "into": nxt.name}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -13,14 +13,10 @@ import onnx_graphsurgeon as gs
 
 from egp_deploy.errors import InputFileError, UsageError, VerificationError
 from egp_deploy.surgery.activation_stats import ActivationStats, check_inputs, measure_activation_stats
-from egp_deploy.surgery.canonicalize import canonicalize, fold_constants
+from egp_deploy.surgery.changes import Change, Context, name_scope
 from egp_deploy.surgery.cleanup import refresh_shapes, to_model
-from egp_deploy.surgery.dead_channels import constant_layers_to_constants, eliminate_dead_channels
-from egp_deploy.surgery.dead_taps import crop_dead_taps
-from egp_deploy.surgery.merge_linear import merge_linear
+from egp_deploy.surgery.passes import REGISTRY, check_pass_names
 from egp_deploy.surgery.report import module_namer
-from egp_deploy.surgery.strip_activations import linearize_smooth, strip_activations, unpin_survivors
-from egp_deploy.surgery.transformer_mlp import narrow_token_mlps
 from egp_deploy.surgery.verify import NOISE_FACTOR, compare, fp32_noise_floor, passes, run_model
 
 try:
@@ -59,6 +55,9 @@ class SurgeryOptions:
     linearize_smooth: bool = False  # GELU/SiLU/HardSwish/Mish always ON/OFF on calibration -> x / 0 (NOT exact)
     max_data_dependent_error: float | None = None  # held-out rel. error the data-dependent strips may add
     min_calibration_samples: int = 100  # fewer, with strips on: a warning (channels OFF by chance)
+    # pass selection by registered name (surgery/passes.py; egp_deploy.surgery.pass_names())
+    skip: list[str] = field(default_factory=list)  # passes not to run
+    only: list[str] | None = None  # run just these passes (None: all)
 
 
 @dataclass
@@ -91,65 +90,68 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _rewrite(named: onnx.ModelProto, stats: dict[str, ActivationStats] | None, options: SurgeryOptions,
-             module_of, cost_model=None) -> tuple[onnx.ModelProto, dict[str, list]]:
+             module_of, cost_model=None) -> tuple[onnx.ModelProto, dict[str, list], dict[str, float]]:
+    """The registered passes (surgery/passes.py) in order: the prologue once, the rounds until no
+    pass changes anything (at most ``max_rounds``), the epilogue once when one of its own passes
+    applies. Shapes are re-inferred before a pass that needs them, only if the graph changed since."""
     try:
         inferred = onnx.shape_inference.infer_shapes(named, data_prop=True)
     except Exception:
         inferred = named
-    graph = gs.import_onnx(inferred)
-    changes: dict[str, list] = {"canonicalized": [], "stripped": [], "constant_layers": [], "dead_channels": [],
-                                "dead_taps": [], "merged": [], "merge_candidates": [],
-                                "mlp_units": []}
+    ctx = Context(options=options, stats=stats, module_of=module_of, cost_model=cost_model,
+                  sections={k: [] for k in REPORT_SECTIONS})
+    state = {"graph": gs.import_onnx(inferred), "stale": False}
+    times: dict[str, float] = {}
 
-    def record_canon(done: dict[str, list]) -> bool:
-        items = [{"pass": k, **(v if isinstance(v, dict) else {"node": v})} for k, vals in done.items() for v in vals]
-        changes["canonicalized"].extend(items)
-        return bool(items)
-
-    # the statistics were measured on the input graph: no rewrite may move a ReLU's input before they are used
-    record_canon(canonicalize(graph, options.simplify_layout_chains, relu_offsets=not stats))
-    if stats:
-        graph = refresh_shapes(graph, named)
-        changes["stripped"] = strip_activations(graph, stats, module_of)
-        if options.linearize_smooth:
-            changes["linearized"] = linearize_smooth(graph, stats, module_of)
-    for _ in range(options.max_rounds):
+    def run_stage(stage: str) -> bool:
+        ctx.stage = stage
         changed = False
-        graph = refresh_shapes(graph, named)
-        changed |= record_canon(canonicalize(graph, options.simplify_layout_chains))
-        graph = refresh_shapes(graph, named)
-        if options.dead_channels:
-            folded = constant_layers_to_constants(graph, module_of)
-            if folded:
-                fold_constants(graph)
-                graph = refresh_shapes(graph, named)
-                changes["constant_layers"].extend(folded)
-                changed = True
-            dead = eliminate_dead_channels(graph, module_of, options.channel_multiple)
-            changes["dead_channels"].extend(dead)
-            changed |= bool(dead)
-            narrowed = narrow_token_mlps(graph, module_of, options.channel_multiple)  # last-axis hidden units
-            changes["mlp_units"].extend(narrowed)
-            changed |= bool(narrowed)
-            if narrowed:
-                graph = refresh_shapes(graph, named)
-            cropped = crop_dead_taps(graph, module_of)
-            changes["dead_taps"].extend(cropped)
-            changed |= bool(cropped)
-        if options.merge:
-            if changed:
-                graph = refresh_shapes(graph, named)
-            merged = merge_linear(graph, options.max_mac_growth, options.allow_inexact_merge, module_of,
-                                  cost_model, changes["merge_candidates"])
-            changes["merged"].extend(merged)
-            changed |= bool(merged)
-        if not changed:
-            break
-    if changes["stripped"]:
-        changes["stripped"] = unpin_survivors(graph, changes["stripped"])
-        graph = refresh_shapes(graph, named)
-        record_canon(canonicalize(graph, options.simplify_layout_chains))
-    return to_model(graph, named, check=True), changes
+        for p in REGISTRY.values():
+            if stage not in p.stages or not ctx.selected(p.name) or not p.enabled(ctx):
+                continue
+            t = time.perf_counter()
+            if p.needs_shapes and state["stale"]:
+                state["graph"] = refresh_shapes(state["graph"], named)
+                state["stale"] = False
+            done = p.run(state["graph"], ctx)
+            times[p.name] = times.get(p.name, 0.0) + time.perf_counter() - t
+            if done:
+                state["stale"] = True
+            changed |= _record(ctx.sections, done)
+        return changed
+
+    with name_scope():
+        run_stage("prologue")
+        for _ in range(options.max_rounds):
+            if not run_stage("round"):
+                break
+        if any(p.stages == ("epilogue",) and ctx.selected(p.name) and p.enabled(ctx) for p in REGISTRY.values()):
+            run_stage("epilogue")
+        out = to_model(state["graph"], named, check=True)
+    changes = {k: v for k, v in ctx.sections.items() if v or k in REPORT_SECTIONS}
+    changes["merge_candidates"] = ctx.merge_candidates
+    return out, changes, times
+
+
+# The report's ``changes`` sections that are always present (others appear when a pass made one).
+REPORT_SECTIONS = ("canonicalized", "stripped", "constant_layers", "dead_channels", "dead_taps", "merged",
+                   "mlp_units")
+
+
+def _record(sections: dict[str, list], done: list[Change]) -> bool:
+    """File a pass's changes in their report sections; True when one counts as a change (a change
+    with nothing to report, such as constant folding, does not keep the rounds going)."""
+    changed = False
+    for section in {c.section for c in done if c.replaces}:  # the pass's records replace the section
+        sections[section] = []
+    for c in done:
+        if c.section is None:
+            continue
+        sections.setdefault(c.section, [])
+        if c.record is not None:
+            sections[c.section].append(c.record)
+            changed = True
+    return changed
 
 
 def _data_dependent_ok(result: dict[str, Any], options: SurgeryOptions) -> bool:
@@ -170,6 +172,8 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
     held-out inputs (nothing should then be written); DataError/NonFiniteError for bad inputs."""
     options = options or SurgeryOptions()
     t0 = time.perf_counter()
+    skip, only = check_pass_names(options.skip, options.only)  # before any work
+    options = replace(options, skip=skip, only=only)
     if not isinstance(model, onnx.ModelProto):
         raise UsageError(f"optimize() needs an onnx.ModelProto, got {type(model).__name__}")
     try:
@@ -183,7 +187,7 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
         raise UsageError("a bound on the data-dependent error (max_data_dependent_error) needs held-out data")
     module_of = module_namer(model)
     named = name_nodes(model)
-    timings: dict[str, float] = {}
+    timings: dict[str, Any] = {"passes_s": {}}  # passes_s: seconds per registered pass (both attempts)
     from egp_deploy.surgery.chain_merge import unique_candidates
     from egp_deploy.surgery.latency import make_cost_model
 
@@ -204,7 +208,9 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
 
     def attempt(use_stats: bool):
         t1 = time.perf_counter()
-        out, changes = _rewrite(named, stats if use_stats else None, options, module_of, cost_model)
+        out, changes, pass_times = _rewrite(named, stats if use_stats else None, options, module_of, cost_model)
+        for name, sec in pass_times.items():
+            timings["passes_s"][name] = timings["passes_s"].get(name, 0.0) + sec
         planner["candidates"] = unique_candidates(changes.pop("merge_candidates"))
         timings["rewrite_s"] = timings.get("rewrite_s", 0.0) + time.perf_counter() - t1
         t1 = time.perf_counter()

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from egp_deploy.surgery._graph import set_list, bypass, fresh_name, new_const
+from egp_deploy.surgery._graph import bypass, fresh_name, new_const
 from egp_deploy.surgery.activation_stats import ActivationStats
 
 
@@ -77,7 +77,7 @@ def unpin_survivors(graph: gs.Graph, records: list[dict[str, Any]]) -> list[dict
         if node.op == "Mul":
             m = np.asarray(node.inputs[1].values) if isinstance(node.inputs[1], gs.Constant) else None
             remaining[owner] = remaining.get(owner, 0) + (int((m == 0).sum()) if m is not None else 0)
-        set_list(node.inputs, node.inputs[:1])
+        node.inputs = node.inputs[:1]
         bypass(graph, node)
     graph.cleanup()
     kept = []
@@ -124,7 +124,7 @@ def strip_activations(
                 continue
             y = node.outputs[0]
             mid = gs.Variable(fresh_name(node.name + ".out"), dtype=np.float32)
-            set_list(node.outputs, [mid])
+            node.outputs = [mid]
             m = np.where(const, 0.0, 1.0).astype(np.float32)
             s = np.where(const, shift, 0.0).astype(np.float32)
             _append_affine(graph, node, mid, m, s, pshape, y, tag=PIN_TAG)
@@ -210,7 +210,7 @@ def linearize_smooth(graph: gs.Graph, stats: dict[str, ActivationStats],
             continue
         x, y = span
         y_node = y.inputs[0]
-        set_list(y_node.outputs, [gs.Variable(fresh_name(y.name + ".replaced"), dtype=np.float32)])
+        y_node.outputs = [gs.Variable(fresh_name(y.name + ".replaced"), dtype=np.float32)]
         scale = np.where(states == "lin", 1.0, 0.0).astype(np.float32)
         if np.all(scale == 1.0):
             graph.nodes.append(gs.Node("Identity", name=fresh_name(node.name + "/egp_linear"), inputs=[x], outputs=[y]))

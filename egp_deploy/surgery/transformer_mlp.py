@@ -22,8 +22,9 @@ from typing import Any, Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from egp_deploy.surgery._graph import const_value, fresh_name, new_const, set_list, static_shape
-from egp_deploy.surgery.dead_channels import _BINARY, _UNARY_FN, aligned_keep
+from egp_deploy.surgery._graph import const_value, fresh_name, new_const, static_shape
+from egp_deploy.surgery.constant_channels import BINARY, UNARY_FN
+from egp_deploy.surgery.dead_channels import aligned_keep
 
 
 def _weight(node: gs.Node | None) -> np.ndarray | None:
@@ -64,7 +65,7 @@ def _activation_region(graph: gs.Graph, fc1: gs.Node, units: int):
                 continue
             if len(node.outputs) != 1 or static_shape(node.outputs[0]) != shape:
                 return None
-            if node.op in _BINARY and len(node.inputs) == 2:
+            if node.op in BINARY and len(node.inputs) == 2:
                 ok = True
                 for x in node.inputs:  # live inputs must be region tensors: checked once the walk is done
                     c = const_value(x)
@@ -72,7 +73,7 @@ def _activation_region(graph: gs.Graph, fc1: gs.Node, units: int):
                         ok &= _unit_constant(c, rank, units)
                 if not ok:
                     return None
-            elif node.op in _UNARY_FN or node.op == "Clip":
+            elif node.op in UNARY_FN or node.op == "Clip":
                 if any(i > 0 and x.name and const_value(x) is None for i, x in enumerate(node.inputs)):
                     return None
             else:
@@ -107,11 +108,11 @@ def _evaluate(members: list[gs.Node], start: str, value: np.ndarray) -> dict[str
     """Every region tensor as a per-unit vector when fc1 outputs ``value`` (float64) at every position."""
     vals = {start: value}
     for node in members:
-        if node.op in _BINARY:
+        if node.op in BINARY:
             a, b = (vals[x.name] if const_value(x) is None else const_value(x).astype(np.float64).reshape(-1)
                     for x in node.inputs)
             with np.errstate(all="ignore"):
-                vals[node.outputs[0].name] = _BINARY[node.op](a, b)
+                vals[node.outputs[0].name] = BINARY[node.op](a, b)
         elif node.op == "Clip":
             lo = const_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
             hi = const_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
@@ -120,7 +121,7 @@ def _evaluate(members: list[gs.Node], start: str, value: np.ndarray) -> dict[str
             vals[node.outputs[0].name] = np.clip(vals[node.inputs[0].name], lo, hi)
         else:
             with np.errstate(all="ignore"):
-                vals[node.outputs[0].name] = _UNARY_FN[node.op](vals[node.inputs[0].name], node)
+                vals[node.outputs[0].name] = UNARY_FN[node.op](vals[node.inputs[0].name], node)
     return vals
 
 
@@ -197,6 +198,6 @@ def narrow_token_mlps(graph: gs.Graph, module_of: Callable[[str], str | None] = 
 def _append_bias(graph: gs.Graph, fc2: gs.Node, bias: np.ndarray) -> None:
     out = fc2.outputs[0]
     mid = gs.Variable(fresh_name(out.name + ".pre_bias"), dtype=out.dtype, shape=out.shape)
-    set_list(fc2.outputs, [mid])
+    fc2.outputs = [mid]
     graph.nodes.append(gs.Node("Add", name=fresh_name((fc2.name or "fc2") + "/egp_bias"),
                                inputs=[mid, new_const(bias, (fc2.name or "fc2") + ".bias")], outputs=[out]))

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from egp_deploy.numeric import relative_error
 from egp_deploy.surgery.activation_stats import _input_feed_plan, make_session, run_batched
 
 
@@ -53,13 +54,9 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[st
                     "problem": f"output shape changed {y.shape} -> {y2.shape}"}
         if not np.isfinite(y2).all():
             finite, problem = False, "non-finite values in the rewritten graph's output"
-        diff = np.abs(y2.astype(np.float64) - y.astype(np.float64))
-        err = float(np.nanmax(diff)) if diff.size else 0.0
-        if not np.isfinite(diff).all():
-            err = float("inf")
-        scale = float(np.max(np.abs(y))) if y.size else 0.0
+        err, _, r, _ = relative_error(y2, y)
         max_abs = max(max_abs, err)
-        rel = max(rel, err / scale if scale > 0 else err)
+        rel = max(rel, r)
     top1 = None
     y, y2 = reference[0], candidate[0]
     if y.ndim == 2 and y.shape[1] > 1:
