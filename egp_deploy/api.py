@@ -236,6 +236,10 @@ def surgery_options(options: SurgeryOptions | Mapping[str, Any] | None = None, *
     unknown = sorted(set(values) - names)
     if unknown:
         raise UsageError(f"unknown surgery option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+    from egp_deploy.surgery.passes import check_pass_names
+
+    # unknown pass names fail here, before any model or data is loaded
+    values["skip"], values["only"] = check_pass_names(values.get("skip", []), values.get("only"))
     return SurgeryOptions(**values)
 
 

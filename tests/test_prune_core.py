@@ -25,7 +25,6 @@ SMALL = "plugin:plugin_data:small_digits"
 
 @pytest.fixture(scope="module")
 def small_bundle():
-    sys.path.insert(0, str(HERE))
     return load_data(SMALL)
 
 

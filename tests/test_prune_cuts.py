@@ -111,15 +111,12 @@ def test_transformer_mlp_layers_are_bypassed(arch, kw):
 def test_prune_loop_never_empties_a_cut_layer_with_the_guard(tmp_path):
     """VGG (every prunable layer is a cut layer): without the guard EGP empties some in the first
     iterations; with it each keeps its minimum, and the log says which layers were capped."""
-    import sys
-    from pathlib import Path
 
     from egp_deploy.checkpoint import checkpoint_from_model
     from egp_deploy.data import load_data
     from egp_deploy.prune.loop import PruneConfig, run_pruning
     from egp_deploy.prune.train import TrainConfig
 
-    sys.path.insert(0, str(Path(__file__).parent))
     bundle = load_data("plugin:plugin_data:small_digits")
     torch.manual_seed(0)
     kw = {"num_classes": 10, "in_channels": 1, "width": 4}

@@ -31,8 +31,6 @@ KW = {"num_classes": 10, "in_channels": 1, "width": 4}
 
 @pytest.fixture(scope="module")
 def bundle():
-    if str(HERE) not in sys.path:
-        sys.path.insert(0, str(HERE))
     return load_data(SMALL)
 
 

@@ -151,3 +151,24 @@ def test_model_onnxruntime_cannot_run(tmp_path, monkeypatch, capsys):
     code, text = run_cli(monkeypatch, capsys, path, out, "-c", tmp_path / "c.npy")
     assert code in (3, 8) and "error:" in text and "Traceback" not in text
     assert not out.exists()
+
+
+
+def test_skip_and_only_choose_passes_and_an_unknown_name_is_one_line(tmp_path, monkeypatch, capsys, small_model):
+    """--skip / --only reach SurgeryOptions; a typo is refused before any work with the valid pass
+    names listed, and nothing is written."""
+    out, rep = tmp_path / "out.onnx", tmp_path / "r.json"
+    code, text = run_cli(monkeypatch, capsys, small_model, out, "-n", 8, "--skip", "fold_afine", "--report", rep)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "fold_afine" in lines[0] and "fold_affine" in lines[0], text
+    assert not out.exists() and not rep.exists()
+    code, text = run_cli(monkeypatch, capsys, small_model, out, "-n", 8, "-q", "--skip", "fold_affine,merge_linear",
+                         "--report", rep)
+    assert code == 0, text
+    report = json.loads(rep.read_text())
+    assert report["options"]["skip"] == ["fold_affine", "merge_linear"]
+    assert not {"fold_affine", "merge_linear"} & set(report["timing_s"]["passes_s"])
+    code, text = run_cli(monkeypatch, capsys, small_model, out, "-n", 8, "-q", "--only", "remove_identities",
+                         "--report", rep)
+    ran = set(json.loads(rep.read_text())["timing_s"]["passes_s"]) if code == 0 else set()
+    assert code == 0 and ran <= {"remove_identities"}, text

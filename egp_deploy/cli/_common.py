@@ -257,3 +257,17 @@ def run_app(app: typer.Typer, prog_name: str, error_exit: Callable[[EgpError], i
             on_argument_error: Callable[[list[str], str], None] | None = None) -> None:
     """Console-script entry: :func:`invoke` on sys.argv, then exit with its code."""
     sys.exit(invoke(app, prog_name, None, error_exit, on_argument_error))
+
+
+def pass_selection(skip: list[str], only: list[str]) -> dict[str, list[str]]:
+    """--skip / --only (repeatable, or comma-separated) as SurgeryOptions fields; the names are
+    checked against the pass registry by the surgery before any work."""
+    def names(items: list[str]) -> list[str]:
+        return [n.strip() for item in items for n in item.split(",") if n.strip()]
+
+    chosen: dict[str, list[str]] = {}
+    if skip:
+        chosen["skip"] = names(skip)
+    if only:
+        chosen["only"] = names(only)
+    return chosen

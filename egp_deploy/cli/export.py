@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from egp_deploy.cli._common import Precision, console, new_app, run_app, stdout
+from egp_deploy.cli._common import Precision, console, new_app, pass_selection, run_app, stdout
 
 app = new_app(
     "Export a PyTorch model (egp-deploy checkpoint, TorchScript, torch.export .pt2, or with --unsafe-pickle a "
@@ -67,6 +67,8 @@ def export(
     exporter: Exporter = typer.Option(Exporter.auto, "--exporter", help="auto: legacy TorchScript exporter for modules (fast, module-path node names), dynamo for .pt2."),
     tolerance: float = typer.Option(1e-4, "--export-tolerance", help="Max relative error of the exported graph against PyTorch."),
     settings: list[str] = typer.Option([], "--set", help="Surgery option KEY=VALUE (repeatable), e.g. --set tolerance=1e-5."),
+    skip: list[str] = typer.Option([], "--skip", help="Surgery passes not to run (repeatable or comma-separated; an unknown name lists the valid ones)."),
+    only: list[str] = typer.Option([], "--only", help="Run only these surgery passes (repeatable or comma-separated); the result is still verified."),
     threads: int = typer.Option(2, "--threads", min=1, help="CPU threads for PyTorch and onnxruntime."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random verification/calibration inputs."),
 ) -> None:
@@ -85,7 +87,7 @@ def export(
 
     result = deploy(
         model, output, calibration=calibration, samples=samples, surgery=not no_surgery,
-        options=parse_surgery_settings(settings), input_shape=input_shape, dynamic_batch=dynamic_batch,
+        options={**parse_surgery_settings(settings), **pass_selection(skip, only)}, input_shape=input_shape, dynamic_batch=dynamic_batch,
         batch_size=batch_size, exporter=_value(exporter), export_tolerance=tolerance, unsafe_pickle=unsafe_pickle,
         build=build, precision=_value(precision), report=report, plot=plot, threads=threads, seed=seed,
         progress=console.is_terminal, log=say,

@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from egp_deploy.cli._common import choices, console, new_app, run_app, stdout
+from egp_deploy.cli._common import choices, console, new_app, pass_selection, run_app, stdout
 from egp_deploy.errors import UsageError
 
 Cost = choices("Cost", ("macs", "latency"))
@@ -69,6 +69,8 @@ def surgery(
                                       "(default: a per-device cache under ~/.cache/egp-deploy/latency)."),
     latency_margin: float = typer.Option(
         0.05, "--latency-margin", min=0.0, help="With --cost latency: a merge must be this fraction faster."),
+    skip: list[str] = typer.Option([], "--skip", help="Surgery passes not to run (repeatable or comma-separated; an unknown name lists the valid ones)."),
+    only: list[str] = typer.Option([], "--only", help="Run only these surgery passes (repeatable or comma-separated); the result is still verified."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a before/after PNG here."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table, no progress bar."),
@@ -89,7 +91,7 @@ def surgery(
         min_held_out_agreement=min_agreement, batch_size=batch_size, threads=threads, progress=not quiet,
         linearize_smooth=linearize_smooth, max_data_dependent_error=max_data_dependent_error,
         cost=str(cost), latency_backend=str(backend), latency_margin=latency_margin,
-        latency_table=None if latency_table is None else os.fspath(latency_table),
+        latency_table=None if latency_table is None else os.fspath(latency_table), **pass_selection(skip, only),
     )
     warn = lambda line: say(line) if (not quiet or line.startswith("warning:")) else None  # noqa: E731
     result = surgery_file(input, output, calibration=calibration, held_out=held_out, samples=samples,
