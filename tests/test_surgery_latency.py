@@ -183,8 +183,8 @@ def test_cli_latency_run_prints_each_decision(tmp_path, monkeypatch, capsys, mod
 
 
 def test_egp_export_reaches_the_cost_options_through_surgery_option():
-    from egp_deploy.cli.export import _surgery_options
+    from egp_deploy.api import parse_surgery_settings, surgery_options
 
-    opts = _surgery_options(SurgeryOptions, ["cost=latency", "latency_backend=ort-cpu", "latency_table=none",
-                                             "latency_margin=0.1", "latency_rounds=5"])
+    opts = surgery_options(parse_surgery_settings(["cost=latency", "latency_backend=ort-cpu", "latency_table=none",
+                                                   "latency_margin=0.1", "latency_rounds=5"]))
     assert (opts.cost, opts.latency_table, opts.latency_margin, opts.latency_rounds) == ("latency", None, 0.1, 5)

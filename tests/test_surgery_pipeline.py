@@ -96,11 +96,14 @@ def test_two_surgeries_in_one_process_write_identical_bytes():
 
 def test_egp_export_set_reaches_skip_and_only(model):
     """``egp-export --set skip=a,b`` / ``--set only=none``: the string is split by the pipeline, and an
-    unknown name is refused with the valid ones (the dedicated --skip/--only flags are for later)."""
-    from egp_deploy.cli.export import _surgery_options
+    unknown name is refused with the valid ones, before any work (the --skip/--only flags: test_surgery_cli)."""
+    from egp_deploy.api import parse_surgery_settings, surgery_options
+
+    def _surgery_options(_cls, settings):
+        return surgery_options(parse_surgery_settings(settings))
 
     opts = _surgery_options(SurgeryOptions, ["skip=fold_affine,merge_linear", "only=none"])
     assert opts.only is None
     assert optimize(model, randn(4, 2, 6, 6), None, opts).report["options"]["skip"] == ["fold_affine", "merge_linear"]
     with pytest.raises(UsageError, match="valid: "):
-        optimize(model, randn(4, 2, 6, 6), None, _surgery_options(SurgeryOptions, ["skip=merge"]))
+        _surgery_options(SurgeryOptions, ["skip=merge"])

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from egp_deploy.surgery._graph import (
-    bypass, channel_vector, constant_operand, conv_attrs, conv_weights, dense_conv_weight, gemm_weights,
+    bypass, fresh_name, channel_vector, constant_operand, conv_attrs, conv_weights, dense_conv_weight, gemm_weights,
     has_padding, new_const, only_consumer, producer, set_conv_weights, set_gemm_weights, static_shape,
 )
 
@@ -83,8 +83,9 @@ def split_relu_offsets(graph: gs.Graph) -> list[dict[str, Any]]:
         low, high = np.minimum(c, 0).astype(np.float32), np.maximum(c, 0).astype(np.float32)
         x = inner.inputs[0]
         if np.any(low != 0):
-            shifted = gs.Variable(x.name + "__offset", dtype=x.dtype, shape=x.shape)
-            graph.nodes.append(gs.Node("Add", name=inner.name + "/egp_offset",
+            # fresh names: a later round can split the same rectifier again
+            shifted = gs.Variable(fresh_name(x.name + "__offset"), dtype=x.dtype, shape=x.shape)
+            graph.nodes.append(gs.Node("Add", name=fresh_name(inner.name + "/egp_offset"),
                                        inputs=[x, new_const(low, inner.name + ".offset")], outputs=[shifted]))
             inner.inputs = [shifted]
         add.inputs = [r, new_const(high, add.name + ".offset")]
@@ -142,7 +143,7 @@ def _push_one(graph: gs.Graph, add: gs.Node, x: gs.Tensor, vec: np.ndarray, nxt:
         if rank < 2:
             return None
         nxt.inputs = [x]
-        moved = gs.Variable(out.name + "__pre_offset", dtype=out.dtype, shape=out.shape)
+        moved = gs.Variable(fresh_name(out.name + "__pre_offset"), dtype=out.dtype, shape=out.shape)
         nxt.outputs = [moved]
         add.inputs = [moved, new_const(vec.astype(np.float32).reshape((1, -1) + (1,) * (rank - 2)),
                                                add.name + ".offset")]
