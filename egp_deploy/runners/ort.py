@@ -57,21 +57,34 @@ def default_threads() -> int:
 class OrtRunner(Runner):
     """onnxruntime on CPU, CUDA or TensorRT EP.
 
-    options: threads (intra-op, default: usable cores), inter_op_threads (default 1),
-    include_copies (GPU providers: time host<->device copies too), precision ("fp16" turns on
-    the TensorRT EP's fp16 mode; for CPU/CUDA fp16 means an fp16 ONNX), device_id, trt_cache_dir.
+    threads: intra-op threads (default: usable cores); inter_op_threads (default 1);
+    include_copies: GPU providers time host<->device copies too; precision: "fp16" turns on the
+    TensorRT EP's fp16 mode (for CPU/CUDA fp16 means an fp16 ONNX); device_id; trt_cache_dir: the
+    TensorRT EP's engine cache (default: .ort_trt_cache beside the model).
     """
 
-    def __init__(self, model_path: str | Path, backend: str = "ort-cpu", **options: Any) -> None:
-        super().__init__(model_path, **options)
+    def __init__(
+        self,
+        model_path: str | Path,
+        backend: str = "ort-cpu",
+        *,
+        threads: int | None = None,
+        inter_op_threads: int | None = None,
+        include_copies: bool = False,
+        precision: str | None = None,
+        device_id: int = 0,
+        trt_cache_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__(model_path)
         if backend not in _PROVIDERS:
             raise UsageError(f"unknown onnxruntime backend {backend!r}; choose one of {sorted(_PROVIDERS)}")
         self.backend = backend
-        self.threads = int(options.get("threads") or default_threads())
-        self.inter_op_threads = int(options.get("inter_op_threads") or 1)
-        self.include_copies = bool(options.get("include_copies", False))
-        self.precision = options.get("precision") or "fp32"
-        self.device_id = int(options.get("device_id") or 0)
+        self.threads = int(threads or default_threads())
+        self.inter_op_threads = int(inter_op_threads or 1)
+        self.include_copies = bool(include_copies)
+        self.precision = precision or "fp32"
+        self.device_id = int(device_id or 0)
+        self.trt_cache_dir = Path(trt_cache_dir) if trt_cache_dir else self.model_path.parent / ".ort_trt_cache"
         self.session = None
         self._binding = None
         self._feeds: dict[str, np.ndarray] | None = None
@@ -90,16 +103,15 @@ class OrtRunner(Runner):
         cuda = ("CUDAExecutionProvider", {"device_id": self.device_id})
         if self.backend == "ort-cuda":
             return [cuda, "CPUExecutionProvider"]
-        cache = Path(self.options.get("trt_cache_dir") or self.model_path.parent / ".ort_trt_cache")
         trt_opts = {
             "device_id": self.device_id,
             "trt_fp16_enable": self.precision == "fp16",
             "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": str(cache),
+            "trt_engine_cache_path": str(self.trt_cache_dir),
         }
         return [("TensorrtExecutionProvider", trt_opts), cuda, "CPUExecutionProvider"]
 
-    def _load(self) -> None:
+    def _load_impl(self) -> None:
         wanted, extra = _PROVIDERS[self.backend]
         ort = import_onnxruntime(extra)
         if not self.model_path.is_file():
@@ -144,11 +156,10 @@ class OrtRunner(Runner):
             warnings.simplefilter("ignore")  # "Specified provider ... is not in available provider names"
             return ort.InferenceSession(str(self.model_path), so, providers=providers)
 
-    def close(self) -> None:
+    def _close_impl(self) -> None:
         self.session = None
         self._binding = None
         self._feeds = None
-        self._loaded = False
 
     def input_specs(self) -> list[TensorSpec]:
         self.load()
