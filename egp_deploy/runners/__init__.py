@@ -32,9 +32,8 @@ ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 TORCH_SUFFIXES = (".pt", ".pth")
 
 __all__ = [
-    "BACKENDS", "DEFAULT_BACKEND", "Runner", "TensorSpec", "get_runner", "resolve_backend", "runner_options",
-    "applicable_options",
-    "parse_shapes", "random_inputs", "resolve_input_shapes",
+    "BACKENDS", "DEFAULT_BACKEND", "Runner", "TensorSpec", "applicable_options", "get_runner", "parse_shapes",
+    "random_inputs", "resolve_backend", "resolve_input_shapes", "runner_class", "runner_options",
 ]
 
 
