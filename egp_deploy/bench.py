@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from egp_deploy.errors import NonFiniteError, UsageError
-from egp_deploy.runners import Runner, get_runner, random_inputs, resolve_input_shapes
+from egp_deploy.runners import Runner, applicable_options, get_runner, random_inputs, resolve_input_shapes
 from egp_deploy.runners.base import ShapeTriple
 
 SCHEMA = "egp-deploy-bench/1"
@@ -269,8 +269,9 @@ def benchmark_models(
     runners: list[Runner] = []
     try:
         for path in model_paths:
-            r = get_runner(backend, path, threads=settings.threads, precision=settings.precision,
-                           include_copies=settings.include_copies)
+            r = get_runner(backend, path, **applicable_options(
+                backend, path, threads=settings.threads, precision=settings.precision,
+                include_copies=settings.include_copies))
             r.load()
             runners.append(r)
         feeds_per_model = []

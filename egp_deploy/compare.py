@@ -17,7 +17,7 @@ import numpy as np
 
 from egp_deploy.errors import UsageError
 from egp_deploy.numeric import relative_error as _relative_error
-from egp_deploy.runners import Runner, get_runner, random_inputs, resolve_input_shapes
+from egp_deploy.runners import Runner, applicable_options, get_runner, random_inputs, resolve_input_shapes
 from egp_deploy.runners.base import ShapeTriple
 
 # Relative tolerance (max|dy| / max|y|) by precision. "exact" is for graph rewrites that are
@@ -147,8 +147,9 @@ def compare_models(
     model_path: str | Path, reference_onnx: str | Path, backend: str | None = None, **kwargs: Any
 ) -> ComparisonResult:
     """Convenience: ``model_path`` on ``backend`` (auto from suffix) against ORT CPU on ``reference_onnx``."""
-    runner = get_runner(backend, model_path, threads=kwargs.get("threads"),
-                        precision=kwargs.get("precision", "fp32") if kwargs.get("precision") != "exact" else "fp32")
+    precision = kwargs.get("precision", "fp32") if kwargs.get("precision") != "exact" else "fp32"
+    runner = get_runner(backend, model_path,
+                        **applicable_options(backend, model_path, threads=kwargs.get("threads"), precision=precision))
     try:
         return compare_runner(runner, reference_onnx, **kwargs)
     finally:

@@ -39,6 +39,7 @@ from egp_deploy.errors import (
     first_words,
 )
 from egp_deploy.io_utils import sha256_file, write_bytes_atomic
+from egp_deploy.numeric import NOISE_FACTOR, relative_error
 
 SOURCE_KINDS = ("checkpoint", "torchscript", "exported", "pickled")
 INPUT_NAME = "input"
@@ -480,13 +481,9 @@ def _name_batch_dim(model: onnx.ModelProto) -> None:
                 d.dim_param = "batch"
 
 
-def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    """max |got - want| / max |want| (MEASURE.md); inf when shapes differ or anything is NaN."""
-    if got.shape != want.shape or not np.isfinite(got).all():
-        return math.inf
-    scale = float(np.max(np.abs(want))) if want.size else 0.0
-    diff = float(np.max(np.abs(got.astype(np.float64) - want))) if want.size else 0.0
-    return diff / scale if scale > 0 else diff
+def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """numeric.relative_error (max |got - want| / max |want|) as one figure; inf when shapes differ."""
+    return math.inf if got.shape != want.shape else relative_error(got, want)[2]
 
 
 def _verify_onnxruntime(model: onnx.ModelProto, checks: list[tuple[torch.Tensor, list[np.ndarray]]],
@@ -498,17 +495,12 @@ def _verify_onnxruntime(model: onnx.ModelProto, checks: list[tuple[torch.Tensor,
     terms) can miss ``rtol`` although the graph is right: it is then judged, like the surgery's
     rewrites, against ``NOISE_FACTOR`` x its own disagreement between two onnxruntime kernel choices.
     """
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise BackendUnavailableError("onnxruntime is not installed (pip install 'egp-deploy[cpu]')") from None
-    from egp_deploy.surgery.verify import NOISE_FACTOR, fp32_noise_floor
+    from egp_deploy.runners.ort import fp32_noise_floor, open_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = min(2, os.cpu_count() or 1)
-    opts.log_severity_level = 3
     try:
-        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session = open_session(model, threads=min(2, os.cpu_count() or 1))
+    except BackendUnavailableError:
+        raise
     except Exception as e:
         raise VerificationError(f"onnxruntime cannot load the exported graph: {_first_line(e)}") from None
     worst, floor = 0.0, None
@@ -518,7 +510,7 @@ def _verify_onnxruntime(model: onnx.ModelProto, checks: list[tuple[torch.Tensor,
             raise VerificationError(f"exported graph has {len(got)} outputs, PyTorch {len(want)}")
         if not all(np.isfinite(g).all() for g in got):
             raise NonFiniteError(f"onnxruntime produced NaN/Inf on batch {x.shape[0]} where PyTorch did not")
-        errs = [relative_error(g, w) for g, w in zip(got, want)]
+        errs = [_relative_error(g, w) for g, w in zip(got, want)]
         err, limit = max(errs), rtol
         if not err <= rtol and all(g.shape == w.shape for g, w in zip(got, want)):
             measured = fp32_noise_floor(model, x.numpy(), got, batch_size=int(x.shape[0]))

@@ -1,6 +1,7 @@
 """The numeric definitions every stage shares (numpy only, imported by prune, surgery and compare).
 
-- ``relative_error``: max |y - ref| / max |ref| (MEASURE.md), the figure every verification reports.
+- ``relative_error``: max |y - ref| / max |ref| (MEASURE.md), the figure every verification reports;
+  ``NOISE_FACTOR``: how far above a graph's own fp32 round-off an exact rewrite may land.
 - ``region_entropy_bits`` / ``layer_entropy``: EGP's channel and layer entropy (EGP.md). A channel's
   entropy is the Shannon entropy (bits) of how its samples fall into the activation's linear
   regions: the binary entropy of p_on for two-region activations, the three-region entropy for
@@ -13,6 +14,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+#: an exact rewrite (or an export) is held to this many times the graph's own fp32 round-off
+#: (``fp32_noise_floor``) when that round-off exceeds the tolerance (MEASURE.md)
+NOISE_FACTOR = 2.0
 
 
 def relative_error(y: np.ndarray, ref: np.ndarray) -> tuple[float, float, float, bool]:

@@ -10,8 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from egp_deploy.archs import create_model
 from egp_deploy.checkpoint import checkpoint_from_model, save_checkpoint
-from egp_deploy.errors import BackendUnavailableError, DataError, InputFileError, UsageError
-from egp_deploy.runners import get_runner, parse_shapes, random_inputs, resolve_backend, resolve_input_shapes
+from egp_deploy.errors import BackendUnavailableError, DataError, InputFileError, UnsupportedError, UsageError
+from egp_deploy.runners import (
+    applicable_options, get_runner, parse_shapes, random_inputs, resolve_backend, resolve_input_shapes, runner_options,
+)
 from egp_deploy.runners.base import TensorSpec
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -189,3 +191,98 @@ def test_runner_reloads_after_close(onnx_model):
     r.close()
     assert r.input_specs()[0].name == "x"  # loads again on demand
     r.close()
+
+
+# ---------------------------------------------------------------------------- typed options
+@pytest.mark.parametrize("backend, suffix", [("ort-cpu", ".onnx"), ("torch-cpu", ".pt"), ("trt", ".engine")])
+def test_unknown_runner_option_is_refused(tmp_path, backend, suffix):
+    path = tmp_path / f"m{suffix}"  # never opened: the option check comes before any work
+    with pytest.raises(UsageError) as err:
+        get_runner(backend, path, thread=2)  # a typo of "threads" (or an option this backend lacks)
+    line = str(err.value)
+    assert "\n" not in line and "'thread'" in line and backend in line
+    assert all(name in line for name in runner_options(backend))
+    assert not path.exists()
+
+
+def test_trt_runner_refuses_cpu_options_but_shared_settings_filter(tmp_path):
+    engine = tmp_path / "m.engine"
+    with pytest.raises(UsageError, match="no option 'threads'"):
+        get_runner("trt", engine, threads=2)
+    # bench/compare settings shared by every backend: only what the backend takes is passed on
+    assert applicable_options("trt", engine, threads=2, precision="fp16", include_copies=True) == {"include_copies": True}
+    assert applicable_options(None, tmp_path / "m.onnx", threads=2, precision="fp16") == {"threads": 2, "precision": "fp16"}
+
+
+def test_runner_options_are_typed_and_none_means_default(onnx_model):
+    assert set(runner_options("ort-cpu")) >= {"threads", "inter_op_threads", "include_copies", "precision"}
+    assert "threads" not in runner_options("trt")
+    r = get_runner("ort-cpu", onnx_model[0], threads=None, inter_op_threads=None)
+    assert r.threads >= 1 and r.inter_op_threads == 1
+    assert not r.is_loaded
+    r.close()  # closing a runner that never loaded is a no-op
+    with r:
+        assert r.is_loaded
+    assert not r.is_loaded
+
+
+def test_failed_load_leaves_runner_unloaded(tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not onnx")
+    r = get_runner("ort-cpu", junk)
+    with pytest.raises(InputFileError):
+        r.load()
+    assert not r.is_loaded and r.session is None
+
+
+# ---------------------------------------------------------------------------- layering
+def _imported_modules(path):
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):  # function-level imports count too
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+def test_dependencies_point_one_way():
+    from pathlib import Path
+
+    import egp_deploy
+
+    pkg = Path(egp_deploy.__file__).parent
+    export_imports = _imported_modules(pkg / "export.py")
+    assert not any(m.startswith("egp_deploy.surgery") for m in export_imports), export_imports
+    for f in (pkg / "runners").glob("*.py"):
+        bad = {m for m in _imported_modules(f) if m.startswith(("egp_deploy.build", "egp_deploy.surgery"))}
+        assert not bad, (f.name, bad)
+
+
+def test_one_place_opens_onnxruntime_sessions():
+    from pathlib import Path
+
+    import egp_deploy
+
+    pkg = Path(egp_deploy.__file__).parent
+    openers = sorted(str(f.relative_to(pkg)) for f in pkg.rglob("*.py") if "InferenceSession(" in f.read_text())
+    assert openers == ["runners/ort.py"], openers
+
+
+def test_cpu_session_options_and_noise_floor(onnx_model):
+    from egp_deploy.runners.ort import fp32_noise_floor, open_cpu_session, run_model
+
+    path, w, b = onnx_model
+    model = onnx.load(str(path))
+    x = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32)
+    for source in (model, model.SerializeToString(), path):
+        assert open_cpu_session(source, threads=1).get_inputs()[0].name == "x"
+    (y,) = run_model(model, x, batch_size=2, threads=1)
+    np.testing.assert_allclose(y, np.maximum(x @ w + b, 0), rtol=1e-5, atol=1e-6)
+    assert fp32_noise_floor(model, x, [y], batch_size=2, threads=1) < 1e-6
+    assert fp32_noise_floor(model, x, [y[:3]], batch_size=2) == float("inf")  # shape changed
+    with pytest.raises(UnsupportedError, match="onnxruntime cannot run this model"):
+        open_cpu_session(b"not onnx")

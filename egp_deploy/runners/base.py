@@ -32,29 +32,48 @@ class TensorSpec:
 
 
 class Runner(ABC):
-    """Base class of all backends; subclasses set ``backend`` and implement the abstract methods."""
+    """Base class of all backends; subclasses set ``backend`` and implement the abstract methods.
+
+    The base class owns the loaded state: ``load()`` runs ``_load_impl()`` once, ``close()`` runs
+    ``_close_impl()`` only when loaded, so both are idempotent and a closed runner loads again.
+    Subclasses take their options as typed keyword arguments (see ``get_runner``).
+    """
 
     backend: str = "?"
     #: what a timed iteration covers; GPU runners change it with include_copies
     timing_note: str = "host wall clock around one inference call"
 
-    def __init__(self, model_path: str | Path, **options: Any) -> None:
+    def __init__(self, model_path: str | Path) -> None:
         self.model_path = Path(model_path)
-        self.options = options
         self._loaded = False
 
     # -- lifecycle ------------------------------------------------------------------------
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded
+
     @abstractmethod
-    def _load(self) -> None: ...
+    def _load_impl(self) -> None:
+        """Open the model (session, engine, module); raise the project's error classes on failure."""
+
+    def _close_impl(self) -> None:
+        """Release what ``_load_impl`` opened (sessions, buffers)."""
 
     def load(self) -> "Runner":
         if not self._loaded:
-            self._load()
+            try:
+                self._load_impl()
+            except BaseException:
+                self._close_impl()  # nothing half-opened stays behind a failed load
+                raise
             self._loaded = True
         return self
 
     def close(self) -> None:
         """Release sessions/buffers; safe to call twice."""
+        if self._loaded:
+            self._close_impl()
+        self._loaded = False
 
     def __enter__(self) -> "Runner":
         return self.load()

@@ -1,5 +1,9 @@
 """onnxruntime runners: CPU (explicit thread counts), CUDA and TensorRT execution providers.
 
+The one place that opens onnxruntime sessions: ``open_session`` (used by OrtRunner, export's
+verification, the surgery's activation statistics and verification) and the batch helpers built
+on it (``run_model``, ``fp32_noise_floor``), so every stage runs a graph with the same options.
+
 GPU providers are detected by creating a session and reading ``session.get_providers()``:
 ``get_available_providers()`` lists CUDA even when its libraries cannot load.
 """
@@ -10,11 +14,14 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from egp_deploy.errors import BackendUnavailableError, DataError, InputFileError, UsageError, first_words
+from egp_deploy.errors import (
+    BackendUnavailableError, DataError, InputFileError, UnsupportedError, UsageError, first_words,
+)
+from egp_deploy.numeric import relative_error
 from egp_deploy.runners.base import Runner, TensorSpec
 
 _ORT_TYPES = {
@@ -54,24 +61,149 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def open_session(
+    model: Any,
+    providers: list | tuple = ("CPUExecutionProvider",),
+    *,
+    threads: int = 0,
+    inter_op_threads: int = 0,
+    optimized: bool = True,
+):
+    """An onnxruntime session on ``model`` (a path, serialized bytes or an onnx.ModelProto).
+
+    threads / inter_op_threads: 0 leaves onnxruntime's default; ``optimized=False`` turns the graph
+    optimisations off (other kernels: how ``fp32_noise_floor`` measures round-off). Sequential
+    execution, errors-only logging. onnxruntime's own exceptions propagate: callers say what failed.
+    """
+    ort = import_onnxruntime()
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    if inter_op_threads:
+        so.inter_op_num_threads = int(inter_op_threads)
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    so.log_severity_level = 3  # errors only: fallbacks become our own one-line messages
+    if isinstance(model, (bytes, str)):
+        source = model
+    elif isinstance(model, Path):
+        source = str(model)
+    else:
+        source = model.SerializeToString()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Specified provider ... is not in available provider names"
+        return ort.InferenceSession(source, so, providers=list(providers))
+
+
+def open_cpu_session(model: Any, threads: int = 0, optimized: bool = True):
+    """``open_session`` on the CPU provider; a model onnxruntime cannot run is an UnsupportedError."""
+    try:
+        return open_session(model, threads=threads, optimized=optimized)
+    except BackendUnavailableError:
+        raise
+    except Exception as e:  # unknown custom ops, unsupported opsets: nothing to measure or verify with
+        lines = str(e).strip().splitlines()
+        raise UnsupportedError("onnxruntime cannot run this model, so it cannot be measured or verified: "
+                               f"{lines[0] if lines else type(e).__name__}") from None
+
+
+def _fmt_dims(dims: list[int | None]) -> str:
+    return "(" + ", ".join("N" if d is None else str(d) for d in dims) + ")"
+
+
+def single_input_plan(model, data: np.ndarray) -> tuple[str, int | None]:
+    """(name, static batch or None) of the one graph input ``data`` feeds; DataError when it cannot."""
+    graph = model.graph
+    init_names = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in init_names]
+    if len(inputs) != 1:
+        raise DataError(f"the model has {len(inputs)} inputs; calibration supports exactly one")
+    inp = inputs[0]
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+    if len(dims) != data.ndim:
+        raise DataError(f"calibration data has shape {tuple(data.shape)}, the model input "
+                        f"{inp.name!r} has rank {len(dims)} ({_fmt_dims(dims)})")
+    for i, (d, s) in enumerate(zip(dims, data.shape)):
+        if i > 0 and d is not None and d != s:
+            raise DataError(f"calibration data has shape {tuple(data.shape)}, the model input "
+                            f"{inp.name!r} expects {_fmt_dims(dims)}")
+    return inp.name, dims[0] if dims else None
+
+
+def run_batched(session, input_name: str, data: np.ndarray, static_batch: int | None, batch_size: int,
+                output_names: list[str] | None, consume: Callable[[list[np.ndarray]], None]) -> None:
+    """Feed ``data`` in batches (the model's static batch when it has one; the tail is padded)."""
+    bs = static_batch if static_batch else batch_size
+    for start in range(0, data.shape[0], bs):
+        chunk = data[start:start + bs]
+        n = chunk.shape[0]
+        if static_batch and n < bs:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, axis=0)])
+        outs = session.run(output_names, {input_name: chunk})
+        consume([o[:n] if (o.ndim and static_batch) else o for o in outs])
+
+
+def run_model(model, data: np.ndarray, batch_size: int = 32, threads: int = 0,
+              optimized: bool = True) -> list[np.ndarray]:
+    """Every output of a one-input ONNX model on ``data`` (onnxruntime CPU, batched)."""
+    session = open_cpu_session(model, threads, optimized)
+    input_name, static_batch = single_input_plan(model, data)
+    parts: list[list[np.ndarray]] = []
+
+    def consume(outs: list[np.ndarray]) -> None:
+        if not parts:
+            parts.extend([] for _ in outs)
+        for i, o in enumerate(outs):
+            parts[i].append(o)
+
+    run_batched(session, input_name, data, static_batch, batch_size, None, consume)
+    return [np.concatenate(p) if p[0].ndim else p[0] for p in parts]
+
+
+def fp32_noise_floor(model, data: np.ndarray, reference: list[np.ndarray],
+                     batch_size: int = 32, threads: int = 0) -> float:
+    """Relative difference between ``reference`` (``model`` on ``data``, optimised session) and the same
+    model run with onnxruntime's graph optimisations off: the round-off of the graph itself (MEASURE.md).
+    inf when the two runs disagree in outputs or shapes, or either is not finite."""
+    other = run_model(model, data, batch_size, threads, optimized=False)
+    if len(other) != len(reference) or any(a.shape != b.shape for a, b in zip(other, reference)):
+        return float("inf")
+    return max((relative_error(y2, y)[2] for y, y2 in zip(reference, other)), default=0.0)
+
+
 class OrtRunner(Runner):
     """onnxruntime on CPU, CUDA or TensorRT EP.
 
-    options: threads (intra-op, default: usable cores), inter_op_threads (default 1),
-    include_copies (GPU providers: time host<->device copies too), precision ("fp16" turns on
-    the TensorRT EP's fp16 mode; for CPU/CUDA fp16 means an fp16 ONNX), device_id, trt_cache_dir.
+    threads: intra-op threads (default: usable cores); inter_op_threads (default 1);
+    include_copies: GPU providers time host<->device copies too; precision: "fp16" turns on the
+    TensorRT EP's fp16 mode (for CPU/CUDA fp16 means an fp16 ONNX); device_id; trt_cache_dir: the
+    TensorRT EP's engine cache (default: .ort_trt_cache beside the model).
     """
 
-    def __init__(self, model_path: str | Path, backend: str = "ort-cpu", **options: Any) -> None:
-        super().__init__(model_path, **options)
+    def __init__(
+        self,
+        model_path: str | Path,
+        backend: str = "ort-cpu",
+        *,
+        threads: int | None = None,
+        inter_op_threads: int | None = None,
+        include_copies: bool = False,
+        precision: str | None = None,
+        device_id: int = 0,
+        trt_cache_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__(model_path)
         if backend not in _PROVIDERS:
             raise UsageError(f"unknown onnxruntime backend {backend!r}; choose one of {sorted(_PROVIDERS)}")
         self.backend = backend
-        self.threads = int(options.get("threads") or default_threads())
-        self.inter_op_threads = int(options.get("inter_op_threads") or 1)
-        self.include_copies = bool(options.get("include_copies", False))
-        self.precision = options.get("precision") or "fp32"
-        self.device_id = int(options.get("device_id") or 0)
+        self.threads = int(threads or default_threads())
+        self.inter_op_threads = int(inter_op_threads or 1)
+        self.include_copies = bool(include_copies)
+        self.precision = precision or "fp32"
+        self.device_id = int(device_id or 0)
+        self.trt_cache_dir = Path(trt_cache_dir) if trt_cache_dir else self.model_path.parent / ".ort_trt_cache"
         self.session = None
         self._binding = None
         self._feeds: dict[str, np.ndarray] | None = None
@@ -90,16 +222,15 @@ class OrtRunner(Runner):
         cuda = ("CUDAExecutionProvider", {"device_id": self.device_id})
         if self.backend == "ort-cuda":
             return [cuda, "CPUExecutionProvider"]
-        cache = Path(self.options.get("trt_cache_dir") or self.model_path.parent / ".ort_trt_cache")
         trt_opts = {
             "device_id": self.device_id,
             "trt_fp16_enable": self.precision == "fp16",
             "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": str(cache),
+            "trt_engine_cache_path": str(self.trt_cache_dir),
         }
         return [("TensorrtExecutionProvider", trt_opts), cuda, "CPUExecutionProvider"]
 
-    def _load(self) -> None:
+    def _load_impl(self) -> None:
         wanted, extra = _PROVIDERS[self.backend]
         ort = import_onnxruntime(extra)
         if not self.model_path.is_file():
@@ -110,19 +241,13 @@ class OrtRunner(Runner):
             except Exception:  # noqa: BLE001 - best effort; the provider check below decides
                 pass
         ort.set_default_logger_severity(3)  # provider fallbacks become our own one-line message
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = self.inter_op_threads
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3  # errors only: the fallback warning is turned into our own message
         try:
-            self.session = self._session(ort, so, self._provider_list())
+            self.session = self._session(self._provider_list())
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for bad files
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if self.backend != "ort-cpu":
                 try:  # the model loads on CPU: it is the GPU provider that failed, not the file
-                    self._session(ort, so, ["CPUExecutionProvider"])
+                    self._session(["CPUExecutionProvider"])
                 except Exception:  # noqa: BLE001
                     pass
                 else:
@@ -139,16 +264,13 @@ class OrtRunner(Runner):
                 f"{gpu}: pip install 'egp-deploy[{extra}]' (uninstall the plain onnxruntime first)"
             )
 
-    def _session(self, ort, so, providers):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "Specified provider ... is not in available provider names"
-            return ort.InferenceSession(str(self.model_path), so, providers=providers)
+    def _session(self, providers: list):
+        return open_session(self.model_path, providers, threads=self.threads, inter_op_threads=self.inter_op_threads)
 
-    def close(self) -> None:
+    def _close_impl(self) -> None:
         self.session = None
         self._binding = None
         self._feeds = None
-        self._loaded = False
 
     def input_specs(self) -> list[TensorSpec]:
         self.load()

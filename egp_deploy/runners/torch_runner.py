@@ -30,19 +30,28 @@ def require_cuda(backend: str):
 
 
 class TorchRunner(Runner):
-    """options: device ("cpu"/"cuda"), threads (CPU intra-op), precision ("fp16" only on CUDA),
-    include_copies, cuda_graph (default True)."""
+    """threads: CPU intra-op threads; precision: "fp16" only on CUDA; include_copies: CUDA timing
+    covers host<->device copies too; cuda_graph: replay a captured CUDA graph (default True)."""
 
-    def __init__(self, model_path: str | Path, backend: str = "torch-cpu", **options: Any) -> None:
-        super().__init__(model_path, **options)
+    def __init__(
+        self,
+        model_path: str | Path,
+        backend: str = "torch-cpu",
+        *,
+        threads: int | None = None,
+        precision: str | None = None,
+        include_copies: bool = False,
+        cuda_graph: bool = True,
+    ) -> None:
+        super().__init__(model_path)
         if backend not in ("torch-cpu", "torch-cuda"):
             raise UsageError(f"unknown torch backend {backend!r}")
         self.backend = backend
         self.device = "cuda" if backend == "torch-cuda" else "cpu"
-        self.threads = options.get("threads")
-        self.precision = options.get("precision") or "fp32"
-        self.include_copies = bool(options.get("include_copies", False))
-        self.use_cuda_graph = bool(options.get("cuda_graph", True)) and self.device == "cuda"
+        self.threads = threads
+        self.precision = precision or "fp32"
+        self.include_copies = bool(include_copies)
+        self.use_cuda_graph = bool(cuda_graph) and self.device == "cuda"
         if self.precision not in ("fp32", "fp16"):
             raise UsageError(f"precision {self.precision!r}: torch runner supports fp32 and fp16")
         if self.precision == "fp16" and self.device == "cpu":
@@ -58,7 +67,7 @@ class TorchRunner(Runner):
         else:
             self.timing_note = "host wall clock around one forward (torch.inference_mode)"
 
-    def _load(self) -> None:
+    def _load_impl(self) -> None:
         import torch
 
         from egp_deploy.checkpoint import load_checkpoint
@@ -73,10 +82,9 @@ class TorchRunner(Runner):
             model = model.half()
         self.model = model.eval()
 
-    def close(self) -> None:
+    def _close_impl(self) -> None:
         self.model = None
         self._prepared = None
-        self._loaded = False
 
     def input_specs(self) -> list[TensorSpec]:
         self.load()

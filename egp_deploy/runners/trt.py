@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from egp_deploy.build import import_tensorrt, gpu_identity, read_sidecar, validate_sidecar
+from egp_deploy.engine_files import gpu_identity, import_tensorrt, read_sidecar, validate_sidecar
 from egp_deploy.errors import DataError, InputFileError, UsageError
 from egp_deploy.io_utils import sha256_file
 from egp_deploy.runners.base import Runner, TensorSpec
@@ -28,16 +28,26 @@ def _np_dtype(trt, dt) -> np.dtype:
 
 
 class TrtRunner(Runner):
-    """options: include_copies (time H2D/D2H copies too), cuda_graph (default True),
-    check_sidecar (default True: refuse engines from another TensorRT version or GPU)."""
+    """include_copies: time H2D/D2H copies too; cuda_graph: capture the enqueue (default True);
+    check_sidecar: refuse engines from another TensorRT version or GPU (default True)."""
 
     backend = "trt"
 
-    def __init__(self, model_path: str | Path, backend: str = "trt", **options: Any) -> None:
-        super().__init__(model_path, **options)
-        self.include_copies = bool(options.get("include_copies", False))
-        self.use_cuda_graph = bool(options.get("cuda_graph", True))
-        self.check_sidecar = bool(options.get("check_sidecar", True))
+    def __init__(
+        self,
+        model_path: str | Path,
+        backend: str = "trt",
+        *,
+        include_copies: bool = False,
+        cuda_graph: bool = True,
+        check_sidecar: bool = True,
+    ) -> None:
+        super().__init__(model_path)
+        if backend != "trt":
+            raise UsageError(f"unknown TensorRT backend {backend!r}")
+        self.include_copies = bool(include_copies)
+        self.use_cuda_graph = bool(cuda_graph)
+        self.check_sidecar = bool(check_sidecar)
         self.graph_status = "not used"
         self.sidecar: dict[str, Any] | None = None
         self._state: dict[str, Any] | None = None
@@ -45,7 +55,7 @@ class TrtRunner(Runner):
             " including host<->device copies" if self.include_copies else " (copies excluded, trtexec default)"
         )
 
-    def _load(self) -> None:
+    def _load_impl(self) -> None:
         trt = import_tensorrt()
         torch = require_cuda(self.backend)
         path = self.model_path
@@ -75,12 +85,11 @@ class TrtRunner(Runner):
         self._inputs = [n for n in self._io if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self._outputs = [n for n in self._io if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
 
-    def close(self) -> None:
+    def _close_impl(self) -> None:
         self._state = None
         for attr in ("context", "engine"):  # the context must go before its engine
             if hasattr(self, attr):
                 delattr(self, attr)
-        self._loaded = False
 
     def input_specs(self) -> list[TensorSpec]:
         self.load()

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import onnx
 
-from egp_deploy.errors import DataError, NonFiniteError, UnsupportedError
+from egp_deploy.errors import DataError, NonFiniteError
 from egp_deploy.numeric import layer_entropy, region_entropy_bits
+from egp_deploy.runners.ort import open_cpu_session, run_batched, single_input_plan
 
 RECTIFIERS = ("Relu", "Clip", "LeakyRelu", "PRelu")
 SMOOTH = ("Gelu", "Erf", "Tanh", "Sigmoid", "HardSwish", "HardSigmoid", "Mish", "Softplus")
@@ -180,28 +181,6 @@ def _smooth_kind(node: onnx.NodeProto, consts: dict[str, np.ndarray], producers:
     return node.op_type
 
 
-def _input_feed_plan(model: onnx.ModelProto, data: np.ndarray) -> tuple[str, int | None]:
-    graph = model.graph
-    init_names = {t.name for t in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in init_names]
-    if len(inputs) != 1:
-        raise DataError(f"the model has {len(inputs)} inputs; calibration supports exactly one")
-    inp = inputs[0]
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
-    if len(dims) != data.ndim:
-        raise DataError(f"calibration data has shape {tuple(data.shape)}, the model input "
-                        f"{inp.name!r} has rank {len(dims)} ({_fmt_dims(dims)})")
-    for i, (d, s) in enumerate(zip(dims, data.shape)):
-        if i > 0 and d is not None and d != s:
-            raise DataError(f"calibration data has shape {tuple(data.shape)}, the model input "
-                            f"{inp.name!r} expects {_fmt_dims(dims)}")
-    return inp.name, dims[0] if dims else None
-
-
-def _fmt_dims(dims: list[int | None]) -> str:
-    return "(" + ", ".join("N" if d is None else str(d) for d in dims) + ")"
-
-
 def check_inputs(model: onnx.ModelProto, data: np.ndarray, what: str = "calibration data") -> np.ndarray:
     """Shape and finiteness checks with one-line errors; returns float32 data."""
     data = np.asarray(data)
@@ -212,40 +191,8 @@ def check_inputs(model: onnx.ModelProto, data: np.ndarray, what: str = "calibrat
         raise DataError(f"{what} is empty")
     if not np.isfinite(data).all():
         raise NonFiniteError(f"{what} contains NaN or Inf values")
-    _input_feed_plan(model, data)
+    single_input_plan(model, data)
     return data
-
-
-def run_batched(session, input_name: str, data: np.ndarray, static_batch: int | None, batch_size: int,
-                output_names: list[str] | None, consume: Callable[[list[np.ndarray]], None]) -> None:
-    """Feed ``data`` in batches (the model's static batch when it has one; the tail is padded)."""
-    bs = static_batch if static_batch else batch_size
-    for start in range(0, data.shape[0], bs):
-        chunk = data[start:start + bs]
-        n = chunk.shape[0]
-        if static_batch and n < bs:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, axis=0)])
-        outs = session.run(output_names, {input_name: chunk})
-        consume([o[:n] if (o.ndim and static_batch) else o for o in outs])
-
-
-def make_session(model: onnx.ModelProto | bytes, threads: int = 0, optimized: bool = True):
-    """A CPU session (``optimized=False``: onnxruntime's graph optimisations off, i.e. other kernels)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    if not optimized:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    blob = model if isinstance(model, bytes) else model.SerializeToString()
-    try:
-        return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # unknown custom ops, unsupported opsets: nothing to measure or verify with
-        msg = str(e).strip().splitlines()
-        raise UnsupportedError(f"onnxruntime cannot run this model, so it cannot be measured or verified: "
-                               f"{msg[0] if msg else type(e).__name__}") from None
 
 
 def measure_activation_stats(
@@ -255,7 +202,7 @@ def measure_activation_stats(
     """Stats of every Relu/Clip/LeakyRelu/PRelu node (keyed by node name; unnamed nodes are skipped:
     name them first) and the model's own outputs on ``data`` (the reference for verification)."""
     data = check_inputs(model, data)
-    input_name, static_batch = _input_feed_plan(model, data)
+    input_name, static_batch = single_input_plan(model, data)
     probe = copy.deepcopy(model)
     graph = probe.graph
     consts = _constants(graph)
@@ -294,7 +241,7 @@ def measure_activation_stats(
             exposed.append(x)
     for x in exposed:
         graph.output.append(onnx.helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None))
-    session = make_session(probe, threads)
+    session = open_cpu_session(probe, threads)
     names = graph_outputs + exposed
     index = {n: i for i, n in enumerate(names)}
     acc: dict[str, dict[str, np.ndarray]] = {}

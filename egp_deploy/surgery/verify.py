@@ -16,29 +16,12 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import onnx
 
-from egp_deploy.numeric import relative_error
-from egp_deploy.surgery.activation_stats import _input_feed_plan, make_session, run_batched
+from egp_deploy.numeric import NOISE_FACTOR, relative_error
+# onnxruntime runs live with the ORT runner (the one place that opens sessions); re-exported here
+from egp_deploy.runners.ort import fp32_noise_floor, run_model
 
-
-NOISE_FACTOR = 2.0
-
-
-def run_model(model: onnx.ModelProto, data: np.ndarray, batch_size: int = 32, threads: int = 0,
-              optimized: bool = True) -> list[np.ndarray]:
-    session = make_session(model, threads, optimized)
-    input_name, static_batch = _input_feed_plan(model, data)
-    parts: list[list[np.ndarray]] = []
-
-    def consume(outs: list[np.ndarray]) -> None:
-        if not parts:
-            parts.extend([] for _ in outs)
-        for i, o in enumerate(outs):
-            parts[i].append(o)
-
-    run_batched(session, input_name, data, static_batch, batch_size, None, consume)
-    return [np.concatenate(p) if p[0].ndim else p[0] for p in parts]
+__all__ = ["NOISE_FACTOR", "compare", "fp32_noise_floor", "passes", "run_model"]
 
 
 def compare(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[str, Any]:
@@ -67,11 +50,3 @@ def compare(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict[st
 
 def passes(result: dict[str, Any], tolerance: float) -> bool:
     return bool(result["finite"]) and result["problem"] is None and result["rel_error"] <= tolerance
-
-
-def fp32_noise_floor(model: onnx.ModelProto, data: np.ndarray, reference: list[np.ndarray],
-                     batch_size: int = 32, threads: int = 0) -> float:
-    """Relative difference between ``reference`` (``model`` on ``data``, optimised session) and the same
-    model run with onnxruntime's graph optimisations off: the round-off of the input graph itself."""
-    result = compare(reference, run_model(model, data, batch_size, threads, optimized=False))
-    return float(result["rel_error"]) if result["finite"] and result["problem"] is None else float("inf")
