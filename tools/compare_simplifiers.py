@@ -39,6 +39,7 @@ import onnx  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from bench_chain_merge import plant_linear  # noqa: E402  (tools/ is on sys.path when run as a script)
 from egp_deploy.archs import create_model  # noqa: E402
 from egp_deploy.data import calibration_batch, load_data  # noqa: E402
 from egp_deploy.export import SourceModel, export_model, load_source  # noqa: E402
@@ -54,22 +55,6 @@ ZOO = {
     "resnet50": {"width": 8, "stem": "cifar"},
     "swin_t": {"window_size": 4},  # full Swin-T widths/depths; 32x32 inputs give 8x8 tokens, 2x2 windows
 }
-
-
-def plant_linear_blocks(model: nn.Module) -> nn.Module:
-    """Stride-1 identity blocks linear on the data: BN output about 3 +- small before each inner ReLU."""
-    with torch.no_grad():
-        for mod in model.modules():
-            if getattr(mod, "use_res_connect", False):  # MobileNetV2 inverted residual
-                bns = [unit[1] for unit in mod.conv if isinstance(unit, nn.Sequential)]  # conv, BN, ReLU6
-            elif hasattr(mod, "conv3") and mod.downsample is None:  # ResNet-50 bottleneck
-                bns = [mod.bn1, mod.bn2]
-            else:
-                continue
-            for bn in bns:
-                bn.weight.fill_(0.01)
-                bn.bias.fill_(3.0)
-    return model
 
 
 KEYS = ("nodes", "conv_gemm_layers", "activations", "longest_path_layers", "macs_dense", "params")
@@ -185,7 +170,7 @@ def main() -> int:
         torch.manual_seed(0)
         model = _calibrate_bn(create_model(arch, **kw), train_x)
         if linear:
-            model = plant_linear_blocks(model)
+            plant_linear(model, arch)  # the benchmark's planting: one definition
         # strictly fewer conv layers is claimed where whole blocks merge (MobileNetV2), not for ResNet-50
         sources.append((f"{name} ({'linear blocks' if linear else 'dense'})", linear and arch == "mobilenet_v2",
                         _module_source(arch, model, kw)))
