@@ -528,19 +528,17 @@ def deploy(
     import torch
 
     from egp_deploy.calibration import CalibrationSet, load_calibration
-    from egp_deploy.export import check_output_path, detect_kind, export_model, load_source, parse_input_shape, read_metadata
+    from egp_deploy.export import detect_kind, export_model, load_source, parse_input_shape, read_metadata
     from egp_deploy.io_utils import staged_files
     from egp_deploy.onnx_metrics import graph_metrics
+    from egp_deploy.validation import check_outputs
 
     model_path = Path(checkpoint)
     detect_kind(model_path)  # a missing / non-PyTorch input is reported before anything about outputs
     paths = output_paths(model_path, output, surgery, report)
-    for p in paths.outputs():
-        check_output_path(model_path, p)
-        if isinstance(calibration, (str, os.PathLike)) and Path(calibration).is_file():
-            check_output_path(calibration, p)
-    if len({p.resolve() for p in paths.outputs()}) != len(paths.outputs()):
-        raise UsageError(f"output paths collide: {', '.join(str(p) for p in paths.outputs())}")
+    calibration_file = calibration if isinstance(calibration, (str, os.PathLike)) and Path(calibration).is_file() else None
+    check_outputs([model_path, calibration_file], {"exported graph": paths.exported, "surgered graph": paths.surgered,
+                                                   "report": paths.report, "plot": paths.plot})
     shape = parse_input_shape(input_shape)
     if precision not in ("fp32", "fp16"):
         raise UsageError(f"--precision must be fp32 or fp16, got {precision!r}")

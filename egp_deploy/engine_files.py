@@ -10,9 +10,12 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from egp_deploy.errors import BackendUnavailableError, InputFileError, UnsupportedError
+
+if TYPE_CHECKING:  # annotation only: runners import this module
+    from egp_deploy.runners.base import ShapeTriple
 
 SIDECAR_FORMAT = "egp-deploy-engine"
 SIDECAR_VERSION = 1

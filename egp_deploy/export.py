@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from egp_deploy import __version__
+from egp_deploy.provenance import read_props, set_prop
 from egp_deploy.errors import (
     BackendUnavailableError, InputFileError, NonFiniteError, UnsupportedError, UsageError, VerificationError,
     first_words,
@@ -48,7 +49,6 @@ LEGACY_OPSET = 17
 DYNAMO_OPSET = 18  # the dynamo exporter implements >= 18; converting down fails on Reduce* axes
 MAX_SINGLE_FILE_BYTES = 2**31 - 1  # protobuf's limit: beyond it ONNX needs external data
 MAX_EXAMPLE_BYTES = 8 << 30  # an export example beyond this is a typo in --input-shape, not a model
-METADATA_PREFIX = "egp."
 
 
 @dataclass
@@ -632,38 +632,16 @@ def _attach_metadata(model: onnx.ModelProto, source: SourceModel, sample: tuple[
                    "fp32_noise_floor": noise_floor, "torch": torch.__version__, "onnx": onnx.__version__},
         "node_modules": node_module_map(model, source.module_names()),
     }
-    existing = {p.key for p in model.metadata_props}
     for key, value in props.items():
-        full = METADATA_PREFIX + key
-        text = value if isinstance(value, str) else json.dumps(value, default=_json_fallback, sort_keys=True)
-        if full in existing:
-            next(p for p in model.metadata_props if p.key == full).value = text
-        else:
-            model.metadata_props.add(key=full, value=text)
+        set_prop(model, key, value)
     if meta:
         try:
-            model.metadata_props.add(key=METADATA_PREFIX + "checkpoint_metadata",
-                                     value=json.dumps(meta, default=_json_fallback, sort_keys=True))
+            set_prop(model, "checkpoint_metadata", meta)
         except (TypeError, ValueError):
             pass
 
 
-def _json_fallback(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    return str(obj)
-
-
-def read_metadata(model: onnx.ModelProto) -> dict[str, Any]:
-    """The ``egp.*`` metadata_props of a model, JSON values decoded, prefix stripped."""
-    out: dict[str, Any] = {}
-    for p in model.metadata_props:
-        if p.key.startswith(METADATA_PREFIX):
-            try:
-                out[p.key[len(METADATA_PREFIX):]] = json.loads(p.value)
-            except ValueError:
-                out[p.key[len(METADATA_PREFIX):]] = p.value
-    return out
+read_metadata = read_props  # the ``egp.*`` metadata_props, JSON-decoded (one reader, in provenance.py)
 
 
 # ---------------------------------------------------------------- one call

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -18,7 +17,7 @@ from egp_deploy.surgery import SurgeryOptions, optimize
 from egp_deploy.surgery.chain_merge import MacCost
 from egp_deploy.surgery.chain_plan import plan_segments
 from egp_deploy.surgery.merge_linear import merge_linear
-from test_surgery_helpers import apply, export_module, ops, outputs, randn, randomize_bn, rel_error
+from test_surgery_helpers import apply, export_module, ops, outputs, randn, rel_error
 
 TOL = 1e-5
 

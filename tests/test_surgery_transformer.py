@@ -4,7 +4,6 @@ torch exporter; swin_t carries torchvision's state_dict keys."""
 
 from __future__ import annotations
 
-import io
 import warnings
 
 import numpy as np
