@@ -6,12 +6,16 @@ constants; custom and opaque objects), loads AOTInductor shared libraries, passe
 strings to ``sympy.sympify`` (which evaluates them) and ``exec``s the program's guard code.
 So before torch sees the bytes, :func:`check_archive` reads the archive itself and refuses
 
+- member names two zip readers could resolve differently (torch's finds names ignoring case and
+  takes the first of two equal names, Python's zipfile the last): duplicates, names equal but for
+  case, control characters, backslashes, ``..``, members outside the one root folder;
 - members torch would unpickle with code (``use_pickle`` payloads, ``custom_obj_*``/``opaque_obj_*``
   constants) and members holding native code (``data/aotinductor/``, anything unknown);
 - Python-like strings that are more than the arithmetic of shapes (guard code, ``expr_str``);
 - graph nodes whose target is not a registered operator (``torch.ops.*``) or plain arithmetic;
 
-and :func:`load_exported_program` then loads the very bytes it checked with every ``torch.load``
+and hands torch a fresh archive of exactly the member bytes it checked (torch's own reader must
+list the same members). :func:`load_exported_program` loads that archive with every ``torch.load``
 forced to ``weights_only=True`` (the sample inputs, legacy ``.pt`` members), so no fallback can
 unpickle code either. ``unsafe=True`` (the CLI's ``--unsafe-pickle``) skips all of it.
 """
@@ -41,6 +45,7 @@ _DATA_MEMBER = re.compile(
 _PROGRAM_JSON = re.compile(r"^(models/[^/]+\.json|serialized_exported_program\.json)$")
 _PAYLOAD_CONFIG = re.compile(r"^data/(weights|constants)/[^/]+_(weights|constants)_config\.json$")
 _PICKLED_CONSTANT_PREFIXES = ("custom_obj_", "opaque_obj_")
+_CANONICAL_ROOT = "archive"  # the root folder of the archive handed to torch (the file's own is dropped)
 
 # call targets a graph node may name: registered operators, and arithmetic that cannot reach
 # attributes (operator.attrgetter/methodcaller/call would walk to any object's globals)
@@ -151,36 +156,111 @@ def _check_payload_config(path: Path, member: str, config: Any) -> None:
     for name, meta in entries.items():
         meta = meta if isinstance(meta, dict) else {}
         file_name = str(meta.get("path_name", ""))
-        if meta.get("use_pickle") or file_name.startswith(_PICKLED_CONSTANT_PREFIXES):
+        if meta.get("use_pickle") or file_name.lower().startswith(_PICKLED_CONSTANT_PREFIXES):
             raise _refuse(path, f"entry {name!r} ({file_name}) is a pickled Python object")
 
 
-def check_archive(path: str | Path, data: bytes) -> None:
-    """Refuse (UnsafeArchive, an InputFileError) an archive that would run code when torch loads it."""
+def _member_name_problem(rel: str) -> str | None:
+    """Why a member name (below the root folder) could be read as another name, or None.
+
+    Torch's zip reader finds names ignoring case and stops at a NUL, Python's zipfile keeps the
+    last of two equal names and torch the first: only plain, distinct names mean the same member
+    to both."""
+    if any(not " " <= ch <= "~" for ch in rel):
+        return "holds a control or non-ASCII character"
+    if "\\" in rel:
+        return "holds a backslash"
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        return "has an empty, '.' or '..' path segment"
+    return None
+
+
+def _plain_members(path: Path, zf: zipfile.ZipFile) -> tuple[bool, list[tuple[zipfile.ZipInfo, str]]]:
+    """The archive's file members as (entry, name below the root folder), in archive order, and
+    whether they sit in a root folder (torch >= 2.8) or at the top (the torch 2.7 layout).
+
+    Refuses (UnsafeArchive) any name torch's reader could resolve to another member than
+    zipfile does: duplicates, names equal but for case, odd characters, several root folders."""
+    entries = [info for info in zf.infolist() if not (info.orig_filename.endswith("/") and info.file_size == 0)]
+    if not entries:
+        raise InputFileError(f"{path} is a damaged torch.export archive (no members)")
+    rooted = "/" in entries[0].orig_filename
+    root = entries[0].orig_filename.split("/", 1)[0] if rooted else ""
+    if rooted and (root in ("", ".", "..") or any(ch < " " for ch in root) or "\\" in root):
+        raise _refuse(path, f"root folder {root!r} is not a plain folder name")
+    members: list[tuple[zipfile.ZipInfo, str]] = []
+    seen: dict[str, str] = {}
+    for info in entries:
+        name = info.orig_filename  # zipfile's .filename stops at a NUL, torch's reader does not
+        head, sep, rel = name.partition("/")
+        if rooted and (not sep or head != root):
+            raise _refuse(path, f"member {name!r} is outside the root folder {root!r}")
+        if not rooted:
+            rel = name
+            if "/" in rel:
+                raise _refuse(path, f"member {name!r} is in a folder while others are not")
+        problem = _member_name_problem(rel)
+        if problem:
+            raise _refuse(path, f"member name {name!r} {problem}")
+        key = rel.casefold()
+        if key in seen:
+            twice = f"two members named {rel!r}" if seen[key] == rel else f"members {seen[key]!r} and {rel!r} differ only in case"
+            raise _refuse(path, f"member names are ambiguous ({twice})")
+        seen[key] = rel
+        members.append((info, rel))
+    return rooted, members
+
+
+def _check_member(path: Path, rel: str) -> None:
+    lower = rel.lower()  # torch finds members ignoring case: every role is matched the same way
+    if lower.startswith(("data/aotinductor/", "data/executorch/", "data/mtia")):
+        raise _refuse(path, f"member {rel} holds compiled code")
+    if not _DATA_MEMBER.match(lower):
+        raise _refuse(path, f"member {rel} is not a part of a plain exported program")
+    if lower.startswith("data/constants/") and lower.rsplit("/", 1)[1].startswith(_PICKLED_CONSTANT_PREFIXES):
+        raise _refuse(path, f"member {rel} is a pickled Python object")
+
+
+def _same_records_for_torch(path: Path, archive: bytes, names: list[str]) -> None:
+    """Torch's own reader must list exactly the members checked, in the same order."""
+    import torch
+
+    records = torch._C.PyTorchFileReader(io.BytesIO(archive)).get_all_records()
+    if list(records) != names:
+        raise _refuse(path, "members read differently by torch's zip reader than by the check")
+
+
+def check_archive(path: str | Path, data: bytes) -> bytes:
+    """Refuse (UnsafeArchive, an InputFileError) an archive that would run code when torch loads it;
+    otherwise return the archive to hand torch: a fresh zip of exactly the member bytes checked,
+    under one canonical root folder (so no reader can find a member the check did not read)."""
     path = Path(path)
+    rebuilt = io.BytesIO()
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            names = [n for n in zf.namelist() if not n.endswith("/")]
-            members = {(n.split("/", 1)[1] if "/" in n else n): n for n in names}
-            for rel in members:
-                if rel.startswith("data/aotinductor/") or rel.startswith("data/executorch/") or rel.startswith("data/mtia"):
-                    raise _refuse(path, f"member {rel} holds compiled code")
-                if not _DATA_MEMBER.match(rel):
-                    raise _refuse(path, f"member {rel} is not a part of a plain exported program")
-                if rel.startswith("data/constants/") and rel.rsplit("/", 1)[1].startswith(_PICKLED_CONSTANT_PREFIXES):
-                    raise _refuse(path, f"member {rel} is a pickled Python object")
-            for rel, full in members.items():
-                if _PROGRAM_JSON.match(rel) or _PAYLOAD_CONFIG.match(rel):
-                    try:
-                        parsed = json.loads(zf.read(full))
-                    except (ValueError, UnicodeDecodeError) as e:
-                        raise InputFileError(f"{path} is a damaged torch.export archive ({rel}: {e})") from None
-                    if _PROGRAM_JSON.match(rel):
-                        _check_program(path, rel, parsed)
-                    else:
-                        _check_payload_config(path, rel, parsed)
-    except (zipfile.BadZipFile, OSError, RuntimeError) as e:
+            rooted, members = _plain_members(path, zf)
+            for _, rel in members:
+                _check_member(path, rel)
+            with zipfile.ZipFile(rebuilt, "w", zipfile.ZIP_STORED) as out:
+                for info, rel in members:
+                    content = zf.read(info)  # this entry, not the last one of its name
+                    lower = rel.lower()
+                    if _PROGRAM_JSON.match(lower) or _PAYLOAD_CONFIG.match(lower):
+                        try:
+                            parsed = json.loads(content)
+                        except (ValueError, UnicodeDecodeError) as e:
+                            raise InputFileError(f"{path} is a damaged torch.export archive ({rel}: {e})") from None
+                        if _PROGRAM_JSON.match(lower):
+                            _check_program(path, rel, parsed)
+                        else:
+                            _check_payload_config(path, rel, parsed)
+                    out.writestr(zipfile.ZipInfo(f"{_CANONICAL_ROOT}/{rel}" if rooted else rel), content)
+    except (zipfile.BadZipFile, OSError, RuntimeError, EOFError) as e:
         raise InputFileError(f"{path} is a corrupt zip archive ({e})") from None
+    archive = rebuilt.getvalue()
+    if rooted:  # the torch 2.7 layout is read with zipfile itself
+        _same_records_for_torch(path, archive, [rel for _, rel in members])
+    return archive
 
 
 @contextlib.contextmanager
@@ -216,12 +296,12 @@ def load_exported_program(path: str | Path, unsafe: bool = False) -> Any:
     import torch
 
     path = Path(path)
-    data = path.read_bytes()  # one read: the bytes checked are the bytes loaded
+    data = path.read_bytes()
     if unsafe:
         return torch.export.load(io.BytesIO(data))
-    check_archive(path, data)
+    checked = check_archive(path, data)  # torch reads only the member bytes the check read
     try:
         with _weights_only_torch_load():
-            return torch.export.load(io.BytesIO(data))
+            return torch.export.load(io.BytesIO(checked))
     except pickle.UnpicklingError:
         raise _refuse(path, "members hold pickled Python objects, not plain weights") from None
