@@ -2,8 +2,9 @@
 
 Sources, detected from the file's contents (never from its suffix):
     checkpoint      our egp-deploy checkpoint (torch.load weights_only=True)
-    torchscript     a torch.jit.save archive
-    exported        a torch.export .pt2 archive
+    torchscript     a torch.jit.save archive: a program (loading runs its __setstate__ methods, and its
+                    graph can call any operator, aten::from_file included), so only with unsafe_pickle=True
+    exported        a torch.export .pt2 archive (checked by egp_deploy.pt2_archive before torch reads it)
     pickled         a fully pickled nn.Module: arbitrary code on load, so only with unsafe_pickle=True
 
 The legacy TorchScript exporter (``dynamo=False``) is the default for modules: it is fast and
@@ -41,6 +42,7 @@ from egp_deploy.errors import (
 )
 from egp_deploy.io_utils import sha256_file, write_bytes_atomic
 from egp_deploy.numeric import NOISE_FACTOR, relative_error
+from egp_deploy.pt2_archive import UNSAFE_HINT
 
 SOURCE_KINDS = ("checkpoint", "torchscript", "exported", "pickled")
 INPUT_NAME = "input"
@@ -116,7 +118,9 @@ def detect_kind(path: str | os.PathLike) -> str:
                 names = zf.namelist()
         except (zipfile.BadZipFile, OSError) as e:
             raise InputFileError(f"{path} is a corrupt zip archive ({_first_line(e)})") from None
-        rel = {n.split("/", 1)[1] if "/" in n else n for n in names}
+        rel = {(n.split("/", 1)[1] if "/" in n else n).lower() for n in names}
+        # a TorchScript file told for another kind still meets only loaders that run nothing
+        # (weights-only torch.load refuses a TorchScript zip, the .pt2 check refuses code/ members)
         if any(n.startswith("code/") for n in rel) or "constants.pkl" in rel:
             return "torchscript"
         if "archive_format" in rel or any(n.startswith("models/") for n in rel) \
@@ -152,6 +156,8 @@ def load_source(path: str | os.PathLike, unsafe_pickle: bool = False) -> SourceM
     kind = detect_kind(path)
     digest = sha256_file(path)
     if kind == "torchscript":
+        if not unsafe_pickle:  # decided from the member names alone: torch.jit.load already runs code
+            raise InputFileError(f"{path} is a TorchScript archive, a program rather than data; {UNSAFE_HINT}")
         try:
             with _quiet():
                 module = torch.jit.load(str(path), map_location="cpu").eval()
@@ -179,10 +185,7 @@ def _load_torch_save(path: Path, digest: str, unsafe_pickle: bool) -> SourceMode
     except pickle.UnpicklingError:
         # weights_only refuses classes: the file pickles code (an nn.Module or similar)
         if not unsafe_pickle:
-            raise InputFileError(
-                f"{path} is a pickled Python object, not a checkpoint; loading it runs arbitrary code: "
-                "pass --unsafe-pickle only if you trust its origin"
-            ) from None
+            raise InputFileError(f"{path} is a pickled Python object, not a checkpoint; {UNSAFE_HINT}") from None
         return _load_pickled_module(path, digest)
     except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
         raise InputFileError(f"{path} is a truncated or damaged PyTorch file ({_first_line(e)})") from None

@@ -82,7 +82,7 @@ def test_export_surgery_report_and_equivalence(files, tmp_path, capsys):
 def test_every_source_format_without_surgery(files, tmp_path, capsys):
     cases = [
         ([files / "pruned.pt", "--dynamic-batch"], "checkpoint"),
-        ([files / "scripted.pt", "--input-shape", "1,32,32"], "torchscript"),
+        ([files / "scripted.pt", "--input-shape", "1,32,32", "--unsafe-pickle"], "torchscript"),
         ([files / "program.pt2"], "exported"),
         ([files / "pickled.pt", "--input-shape", "1,32,32", "--unsafe-pickle"], "pickled"),
     ]
@@ -125,6 +125,7 @@ def test_bad_input_one_line_distinct_codes_nothing_written(files, tmp_path, caps
         ([src / "truncated.pt", "-o", out], 3, "truncated"),
         ([src / "notes.pt", "-o", out], 3, "not a PyTorch model"),
         ([files / "pickled.pt", "--input-shape", "1,32,32", "-o", out], 3, "--unsafe-pickle"),
+        ([files / "scripted.pt", "--input-shape", "1,32,32", "-o", out], 3, "--unsafe-pickle"),
         ([files / "pruned.pt", "--input-shape", "3,32,32", "-o", out], 2, "--input-shape"),
         ([files / "pruned.pt", "--input-shape", "1,x", "-o", out], 2, "--input-shape"),
         ([files / "pruned.pt", "-o", files / "pruned.pt"], 2, "is the input"),

@@ -13,8 +13,8 @@ import typer
 from egp_deploy.cli._common import Precision, console, new_app, pass_selection, run_app, stdout
 
 app = new_app(
-    "Export a PyTorch model (egp-deploy checkpoint, TorchScript, torch.export .pt2, or with --unsafe-pickle a "
-    "pickled nn.Module) to one self-contained ONNX file, verify it against PyTorch, then strip the layers EGP "
+    "Export a PyTorch model (egp-deploy checkpoint, torch.export .pt2, or with --unsafe-pickle a TorchScript "
+    "program or a pickled nn.Module) to one self-contained ONNX file, verify it against PyTorch, then strip the layers EGP "
     "collapsed (graph surgery, verified on calibration and held-out data) and report what was removed and gained."
 )
 
@@ -51,7 +51,7 @@ def print_exported_table(title: str, metrics: dict[str, Any]) -> None:
 
 @app.command()
 def export(
-    model: Path = typer.Argument(..., help="egp-deploy checkpoint, TorchScript archive, .pt2, or pickled module (see --unsafe-pickle)."),
+    model: Path = typer.Argument(..., help="egp-deploy checkpoint, .pt2, or (see --unsafe-pickle) TorchScript archive or pickled module."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Final model path (default: MODEL.egp.onnx beside the input; MODEL.onnx with --no-surgery). The exported graph is written as OUT.onnx beside it."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="One sample's shape C,H,W (no batch) (default: from the checkpoint or .pt2)."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Symbolic batch dimension instead of a static one."),
@@ -59,7 +59,7 @@ def export(
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration data: a data spec (digits, cifar10:DIR, folder:DIR, plugin:mod:fn), a .npy/.npz file (first half calibrates, second half is held out), or 'random' (default: the checkpoint's data set)."),
     samples: int = typer.Option(256, "--samples", min=1, help="Calibration samples (and as many held-out samples)."),
     no_surgery: bool = typer.Option(False, "--no-surgery", help="Only export and verify; skip the graph surgery."),
-    unsafe_pickle: bool = typer.Option(False, "--unsafe-pickle", help="Allow a fully pickled nn.Module: loading it RUNS ARBITRARY CODE from the file."),
+    unsafe_pickle: bool = typer.Option(False, "--unsafe-pickle", help="Load files that are code, not data: a pickled nn.Module, a TorchScript program, a .pt2 that fails its check. Loading them RUNS ARBITRARY CODE from the file."),
     build: bool = typer.Option(False, "--build", help="Also build a TensorRT engine (OUT.egp.engine) when TensorRT and a GPU are present."),
     precision: Precision = typer.Option("fp32", "--precision", help="Engine precision for --build: fp32 or fp16."),
     report: Optional[Path] = typer.Option(None, "--report", help="JSON report path (default: OUT.egp.json; OUT.export.json with --no-surgery)."),
