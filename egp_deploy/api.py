@@ -284,20 +284,15 @@ def _convert(raw: str, hint: Any, key: str) -> Any:
 def _load_onnx(model: Any) -> onnx.ModelProto:
     import onnx
 
+    from egp_deploy.onnx_file import check_onnx_sizes, read_onnx
+
     if isinstance(model, onnx.ModelProto):
+        check_onnx_sizes(model)
         return model
     from egp_deploy.errors import InputFileError
 
     path = Path(model)
-    if not path.is_file():
-        raise InputFileError(f"ONNX file not found: {path}")
-    try:
-        proto = onnx.load(str(path))
-    except Exception as e:  # protobuf's parsers and onnx's external-data loader raise their own types
-        from egp_deploy.errors import first_words
-
-        reason = first_words(e) if str(e).strip() else "truncated or not protobuf"
-        raise InputFileError(f"{path} is not a readable ONNX model ({type(e).__name__}: {reason})") from None
+    proto = read_onnx(path)  # sizes checked before weights are decoded
     if not proto.graph.node:
         raise InputFileError(f"{path} is not an ONNX model (no graph nodes)")
     return proto

@@ -33,13 +33,10 @@ def onnx_inputs(onnx_path: str | Path) -> tuple[list[tuple[str, tuple[int | None
     """([(input name, shape with None for dynamic dims)], whether the graph computes in fp16)."""
     import onnx
 
+    from egp_deploy.onnx_file import read_onnx
+
     path = Path(onnx_path)
-    if not path.is_file():
-        raise InputFileError(f"ONNX model not found: {path}")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError and friends
-        raise InputFileError(f"{path} is not a readable ONNX model ({type(e).__name__})") from None
+    model = read_onnx(path, load_external_data=False)  # sizes checked before TensorRT parses it
     if not model.graph.node:
         raise InputFileError(f"{path} is not an ONNX model with a graph (no nodes)")
     inits = {i.name for i in model.graph.initializer}

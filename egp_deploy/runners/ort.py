@@ -235,6 +235,9 @@ class OrtRunner(Runner):
         ort = import_onnxruntime(extra)
         if not self.model_path.is_file():
             raise InputFileError(f"model not found: {self.model_path}")
+        from egp_deploy.onnx_file import read_onnx
+
+        read_onnx(self.model_path, load_external_data=False)  # onnxruntime folds constants when it loads
         if self.backend != "ort-cpu" and hasattr(ort, "preload_dlls"):
             try:  # CUDA/cuDNN from torch's nvidia-* wheels, when present (onnxruntime-gpu >= 1.21)
                 ort.preload_dlls()
