@@ -307,7 +307,10 @@ def _bound_inferred_sizes(label: str, model: Any) -> None:
     folded = _fold_shape_arithmetic(model, sized)
     if folded:
         sized = {**sized, **_inferred(_shape_probe(model, folded))}
+    fed = {i.name for i in model.graph.input}  # each command bounds the inputs it feeds (with its own option's name)
     for name, (dims, elem_type) in sized.items():
+        if name in fed:
+            continue
         op = producers.get(name)
         too_big = _too_big(label, f"tensor {name!r}" + (f" ({op} output)" if op else ""), dims, elem_type)
         if too_big:
