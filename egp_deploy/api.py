@@ -139,7 +139,7 @@ def prune(
 
     from egp_deploy.archs import list_archs
     from egp_deploy.checkpoint import load_checkpoint, save_checkpoint
-    from egp_deploy.data import load_data
+    from egp_deploy.data import load_data, recorded_data_spec
     from egp_deploy.distributed import init_distributed, shutdown
     from egp_deploy.errors import EgpError
     from egp_deploy.prune.loop import PruneConfig, run_pruning
@@ -166,7 +166,7 @@ def prune(
                 raise UsageError("--arch-kwargs applies to an architecture name, not to a checkpoint")
             start = load_checkpoint(src)
             start.build_model()  # fail early (before loading data) on an unknown architecture or weights that do not fit
-            bundle = load_data(data or start.metadata.get("data", "digits"))
+            bundle = load_data(data or recorded_data_spec(start.metadata.get("data"), src, "--data") or "digits")
             if tuple(bundle.input_shape) != tuple(start.input_shape):
                 raise UsageError(f"data {bundle.spec} has samples of shape {bundle.input_shape}, "
                                  f"the checkpoint expects {tuple(start.input_shape)}")
@@ -523,6 +523,7 @@ def deploy(
     import torch
 
     from egp_deploy.calibration import CalibrationSet, load_calibration
+    from egp_deploy.data import recorded_data_spec
     from egp_deploy.export import detect_kind, export_model, load_source, parse_input_shape, read_metadata
     from egp_deploy.io_utils import staged_files
     from egp_deploy.onnx_metrics import graph_metrics
@@ -555,7 +556,8 @@ def deploy(
         sample_shape = shape or source.input_shape
         data_spec = (source.metadata or {}).get("data")
         given = calibration if isinstance(calibration, CalibrationSet) else None
-        chosen = None if given else (calibration or (data_spec if isinstance(data_spec, str) else None))
+        chosen = None if given or not surgery else (
+            calibration or recorded_data_spec(data_spec, model_path, "--calibration", allowed=unsafe_pickle))
         calib = given
         if surgery and sample_shape is not None and given is None:  # bad calibration data fails before any export work
             calib = load_calibration(chosen, tuple(sample_shape), samples, seed=seed)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from egp_deploy.errors import DataError, NonFiniteError
+from egp_deploy.errors import DataError, InputFileError, NonFiniteError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".pgm", ".tif", ".tiff"}
 
@@ -221,6 +221,18 @@ def load_data(spec: str = "digits", image_size: int | None = None, channels: int
     if kind == "plugin":
         return load_plugin(arg)
     raise DataError(f"unknown data spec {spec!r}: use digits, cifar10:DIR, folder:DIR or plugin:module:function")
+
+
+def recorded_data_spec(spec: Any, source: str | Path, option: str, allowed: bool = False) -> str | None:
+    """The data spec a checkpoint records, for when the user names none. A plugin there is a module
+    to import and a function to call named by the file, that is code: used only when the user names
+    it (``option``) or allows code (``allowed``: --unsafe-pickle); InputFileError (exit 3) otherwise."""
+    if not isinstance(spec, str):
+        return None
+    if spec.partition(":")[0] == "plugin" and not allowed:
+        raise InputFileError(f"{source} records the data plugin {spec!r}: importing it runs code the file names; "
+                             f"pass {option} {spec} only if you trust it")
+    return spec
 
 
 def make_loader(ds: Dataset, batch_size: int = 128, shuffle: bool = False, seed: int = 0, **kw) -> DataLoader:

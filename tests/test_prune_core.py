@@ -174,7 +174,7 @@ def test_cli_non_finite_loss(tmp_path):
     model, kw = _tiny()
     start = tmp_path / "s.pt"
     save_checkpoint(start, checkpoint_from_model(model, "resnet18", kw, (1, 32, 32), 10, {"data": SMALL}))
-    r = _cli(str(start), "-o", str(tmp_path / "o"), "-q", "-n", "1", "--epochs", "1", "--lr", "1e30")
+    r = _cli(str(start), "-o", str(tmp_path / "o"), "--data", SMALL, "-q", "-n", "1", "--epochs", "1", "--lr", "1e30")
     assert r.returncode == 6 and "non-finite" in r.stderr and "Traceback" not in r.stderr
     # the finished iteration 0 stays; no half-written iteration 1
     assert (tmp_path / "o" / "iter_00.pt").is_file() and not (tmp_path / "o" / "iter_01.pt").exists()

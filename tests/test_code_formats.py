@@ -1,6 +1,9 @@
-"""A TorchScript archive is a program: torch.jit.load runs its __setstate__ methods and its graph
-can call any operator (aten::from_file maps any file writable). It loads only with the opt-in
-flag, and without it nothing of the file runs: the refusal comes before torch.jit.load."""
+"""Formats that are code load only with the opt-in flag, and without it nothing of the file runs.
+
+A TorchScript archive is a program: torch.jit.load runs its __setstate__ methods and its graph can
+call any operator (aten::from_file maps any file writable); the refusal comes before torch.jit.load.
+A data plugin recorded in a checkpoint is a module to import named by the file: it is used only
+when the user names it."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import egp_deploy
 from egp_deploy.cli._common import invoke
 from egp_deploy.errors import InputFileError
 from egp_deploy.export import detect_kind, load_source
+from test_reliability import _tiny_checkpoint
 
 
 class _WritesFiles(nn.Module):
@@ -96,3 +100,32 @@ def test_torchscript_loads_with_the_flag(evil_torchscript):
     assert source.kind == "torchscript"
     assert loaded.read_bytes() == b"AAAA"  # the fixture is a real program: loading it ran __setstate__
     assert torch.equal(source.module(torch.ones(2)), torch.full((2,), 2.0)) and called.read_bytes() == b"BBBB"
+
+
+@pytest.fixture
+def plugin_checkpoint(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """A checkpoint recording a data plugin whose import creates a marker file."""
+    marker = tmp_path / "IMPORTED"
+    (tmp_path / "plugin_that_writes.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef data():\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt = _tiny_checkpoint(tmp_path / "model.pt")
+    obj = torch.load(ckpt, weights_only=True)
+    obj["metadata"]["data"] = "plugin:plugin_that_writes:data"
+    torch.save(obj, ckpt)
+    return ckpt, marker
+
+
+def test_a_plugin_recorded_in_a_checkpoint_is_not_imported(plugin_checkpoint, tmp_path, capsys):
+    from egp_deploy.cli import export as cli
+
+    ckpt, marker = plugin_checkpoint
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for call in (lambda: egp_deploy.deploy(ckpt, tmp_path / "out.egp.onnx"),
+                 lambda: egp_deploy.prune(ckpt, tmp_path / "run", iterations=1, epochs=0)):
+        with pytest.raises(InputFileError) as info:
+            call()
+        assert info.value.exit_code == 3 and "plugin:plugin_that_writes:data" in str(info.value)
+    code = invoke(cli.app, "egp-export", [str(ckpt), "-o", str(tmp_path / "out.egp.onnx")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 3 and len(err) == 1 and "--calibration plugin:plugin_that_writes:data" in err[0], err
+    assert not marker.exists() and sorted(p.name for p in tmp_path.iterdir()) == before
