@@ -11,9 +11,13 @@ that is not there. So :func:`check_onnx_sizes`, on the model without its externa
   tensors, in subgraphs too) holds exactly the bytes its dims and type declare, and external data
   lies in a regular file beside the model, long enough: otherwise the file is malformed
   (InputFileError, exit 3, like any damaged input);
-- every tensor whose size shape inference can tell (symbolic dims counted as 1) fits
-  MAX_TENSOR_BYTES: otherwise the model is well formed but asks for more than this tool runs
-  (UnsupportedError, exit 8, as for samples that do not fit in memory).
+- every tensor whose size shape inference can tell fits MAX_TENSOR_BYTES, and no integer Range or
+  ConstantOfShape (which the surgery's shape inference writes out value by value) is longer than
+  MAX_INTEGER_SEQUENCE: otherwise the model is well formed but asks for more than this tool runs
+  (UnsupportedError, exit 8, as for samples that do not fit in memory). Symbolic dims count as 1,
+  the graph inputs are left to the command that feeds them, and the small integer arithmetic on
+  shapes (Shape -> Gather -> Mul -> ConstantOfShape) is folded here rather than by onnx's data
+  propagation, so that the check itself never expands a Range.
 
 :func:`read_onnx` is the one reader of ONNX files for the commands and the API.
 """

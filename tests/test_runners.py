@@ -92,7 +92,7 @@ def test_ort_bad_files(tmp_path):
         get_runner("ort-cpu", tmp_path / "missing.onnx").load()
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"this is not a protobuf")
-    with pytest.raises(InputFileError, match="cannot load"):
+    with pytest.raises(InputFileError, match="not a readable ONNX model"):
         get_runner("ort-cpu", junk).load()
 
 
