@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from egp_deploy.errors import EXIT_CODES_HELP, EgpError
+from egp_deploy.validation import flag_names
 
 try:  # typer >= 0.2x vendors click; older typer raises the click package's exceptions
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
@@ -219,7 +220,7 @@ def invoke(app: typer.Typer, prog_name: str, argv: Sequence[str] | None = None,
     The name is explicit because click would otherwise derive it from how Python was started
     (``python -m egp_deploy.cli.egp-prune`` under the dispatcher)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    with _quiet_libraries():
+    with _quiet_libraries(), flag_names():  # the library's range errors name the flags
         try:
             code = app(prog_name=prog_name, args=args, standalone_mode=False)
             return code if isinstance(code, int) else 0
