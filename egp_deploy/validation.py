@@ -375,18 +375,30 @@ def check_onnx_model_inputs(model: Any, command: str, samples: int = 0, float32_
 
 
 def check_finite_weights(model: Any) -> None:
-    """NaN or Inf in any initializer: NonFiniteError (exit 6) naming it, before any measurement
-    (verification would otherwise compare NaN with NaN and report 'rel. error inf > inf')."""
+    """NaN or Inf in any initializer or Constant node: NonFiniteError (exit 6) naming it, before any
+    measurement (verification would otherwise compare NaN with NaN and report 'rel. error inf > inf')."""
     import numpy as np
-    from onnx import numpy_helper
+    from onnx import AttributeProto, numpy_helper
 
     from egp_deploy.errors import NonFiniteError
 
-    for init in model.graph.initializer:
-        if init.data_type not in _FLOAT_TYPES or init.data_location == 1:  # external data: checked on load
-            continue
-        arr = numpy_helper.to_array(init)
+    def tensors() -> Iterator[tuple[str, Any]]:
+        for init in model.graph.initializer:
+            if init.data_type in _FLOAT_TYPES and init.data_location != 1:  # external data: checked on load
+                yield f"weight {init.name!r}", init
+        for node in model.graph.node:
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+                continue
+            for attr in node.attribute:
+                what = f"constant {node.name or (node.output[0] if node.output else '?')!r}"
+                if attr.type == AttributeProto.TENSOR and attr.t.data_type in _FLOAT_TYPES:
+                    yield what, attr.t
+                elif attr.type in (AttributeProto.FLOAT, AttributeProto.FLOATS):
+                    yield what, np.asarray(attr.f if attr.type == AttributeProto.FLOAT else attr.floats, np.float32)
+
+    for what, tensor in tensors():
+        arr = tensor if isinstance(tensor, np.ndarray) else numpy_helper.to_array(tensor)
         if arr.size and not np.isfinite(arr.astype(np.float32, copy=False)).all():
             bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-            raise NonFiniteError(f"weight {init.name!r} holds {bad} NaN/Inf value(s) of {arr.size}: the model "
+            raise NonFiniteError(f"{what} holds {bad} NaN/Inf value(s) of {arr.size}: the model "
                                  "cannot be measured or verified")

@@ -194,16 +194,6 @@ def _quiet_libraries() -> Iterator[None]:
                 root.removeHandler(handler)
 
 
-def hold(resource: Any) -> Any:
-    """Enter the context manager ``resource`` until the running command returns (its exit runs on
-    every path, errors included): a lock taken in the first lines of a command."""
-    try:
-        from typer._click.globals import get_current_context
-    except ImportError:  # pragma: no cover - typer with the click package
-        from click import get_current_context  # type: ignore[no-redef]
-    return get_current_context().with_resource(resource)
-
-
 def argument_error_line(e: Exception, prog_name: str) -> str:
     """click's usage error as one line: the message and where help is."""
     text = e.format_message() if hasattr(e, "format_message") else str(e)
