@@ -16,7 +16,6 @@ from egp_deploy.surgery.activation_stats import ActivationStats, check_inputs, m
 from egp_deploy.surgery.changes import Change, Context, name_scope
 from egp_deploy.surgery.cleanup import refresh_shapes, to_model
 from egp_deploy.surgery.passes import REGISTRY, check_pass_names
-from egp_deploy.validation import validate_surgery_options
 from egp_deploy.surgery.report import module_namer
 from egp_deploy.surgery.verify import NOISE_FACTOR, compare, fp32_noise_floor, passes, run_model
 
@@ -173,7 +172,6 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
     held-out inputs (nothing should then be written); DataError/NonFiniteError for bad inputs."""
     options = options or SurgeryOptions()
     t0 = time.perf_counter()
-    validate_surgery_options(vars(options))  # numbers and choices, before any work
     skip, only = check_pass_names(options.skip, options.only)  # before any work
     options = replace(options, skip=skip, only=only)
     if not isinstance(model, onnx.ModelProto):
