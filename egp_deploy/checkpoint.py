@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from egp_deploy.archs import create_model
-from egp_deploy.errors import InputFileError, first_words
+from egp_deploy.errors import InputFileError
 from egp_deploy.io_utils import atomic_path
 
 FORMAT = "egp-deploy-checkpoint"

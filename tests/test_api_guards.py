@@ -18,7 +18,13 @@ import egp_deploy as egp
 from egp_deploy import api
 from egp_deploy.checkpoint import load_checkpoint
 from egp_deploy.cli._common import invoke
-from egp_deploy.errors import EgpError, InputFileError, NonFiniteError, UnsupportedError, UsageError
+from egp_deploy.errors import (
+    EgpError,
+    InputFileError,
+    NonFiniteError,
+    UnsupportedError,
+    UsageError,
+)
 
 
 def _run(command: str, args, capsys) -> tuple[int, list[str]]:

@@ -291,7 +291,7 @@ def test_an_out_of_range_option_is_refused_before_any_work_by_the_api_and_the_co
 
 
 @pytest.mark.parametrize("call,where,name,rng", [c for c in OPTION_CASES if c[0] in ("prune", "optimize")],
-                         ids=[f"{c}-{n}" for c, _, n, _ in OPTION_CASES if c in ("prune", "optimize")])  # noqa: E501
+                         ids=[f"{c}-{n}" for c, _, n, _ in OPTION_CASES if c in ("prune", "optimize")])
 def test_the_api_message_names_the_parameter_and_the_command_names_the_flag(call, where, name, rng, workdir, stubbed, capsys):
     with pytest.raises(UsageError, match=rf"^{name} must be"):
         _api_call(call, workdir, where, name, math.nan)()
