@@ -127,6 +127,7 @@ def prune(
     arch_kwargs: Mapping[str, Any] | str | None = None,
     seed: int = 0,
     resume: bool = False,
+    force: bool = False,
     dist_backend: str = "auto",
     progress: bool = True,
     log: Log = _quiet,
@@ -134,7 +135,23 @@ def prune(
     """EGP (or ``method="imp"``) iterative pruning of an architecture (trained dense first) or a checkpoint.
 
     Writes ``out_dir``/iter_NN.pt, best.pt, log.json and entropy.png; returns the run's log, best
-    iteration and best checkpoint path. Under torchrun it runs data-parallel (only rank 0 writes)."""
+    iteration and best checkpoint path. Under torchrun it runs data-parallel (only rank 0 writes).
+    ``out_dir`` is locked for the run; a previous run in it is continued with ``resume``, replaced
+    with ``force`` and refused otherwise, and ``source`` may not be a file that run would overwrite."""
+    from egp_deploy.io_utils import is_main_process, run_folder
+    from egp_deploy.validation import PRUNE_RUN_FILES, check_prune_paths, validate_options
+
+    validate_options("prune", locals())
+    if method not in ("egp", "imp"):
+        raise UsageError(f"--method must be egp or imp, got {method!r}")
+    if schedule not in ("cosine", "step", "constant"):
+        raise UsageError(f"--schedule must be cosine, step or constant, got {schedule!r}")
+    if entropy_mode not in ("dataset", "batch"):
+        raise UsageError(f"--entropy-mode must be dataset or batch, got {entropy_mode!r}")
+    if dist_backend not in ("auto", "nccl", "gloo"):
+        raise UsageError(f"--dist-backend must be auto, nccl or gloo, got {dist_backend!r}")
+    kwargs = parse_arch_kwargs(arch_kwargs) if isinstance(arch_kwargs, str) or arch_kwargs is None else dict(arch_kwargs)
+    check_prune_paths(source, out_dir)
     import torch
 
     from egp_deploy.archs import list_archs
@@ -145,51 +162,50 @@ def prune(
     from egp_deploy.prune.loop import PruneConfig, run_pruning
     from egp_deploy.prune.train import TrainConfig
 
-    if schedule not in ("cosine", "step", "constant"):
-        raise UsageError(f"--schedule must be cosine, step or constant, got {schedule!r}")
-    if entropy_mode not in ("dataset", "batch"):
-        raise UsageError(f"--entropy-mode must be dataset or batch, got {entropy_mode!r}")
-    kwargs = parse_arch_kwargs(arch_kwargs) if isinstance(arch_kwargs, str) or arch_kwargs is None else dict(arch_kwargs)
     out = Path(out_dir)
-    ctx = init_distributed(dist_backend)
-    try:
-        torch.manual_seed(seed)
-        recipe = lambda n, rate_: TrainConfig(epochs=n, lr=rate_, momentum=momentum, weight_decay=weight_decay,  # noqa: E731
-                                              batch_size=batch_size, schedule=schedule)
-        cfg = PruneConfig(method=method, iterations=iterations, rate=rate, tolerance=tolerance, patience=patience,
-                          finetune=recipe(epochs, lr), entropy_mode=entropy_mode, calibration_batches=calibration_batches,
-                          seed=seed, min_keep_cut=min_keep_cut, temperature=temperature)
-        cfg.validate()
-        src = Path(source)
-        if src.suffix in (".pt", ".pth", ".ckpt") or src.exists():
-            if kwargs:
-                raise UsageError("--arch-kwargs applies to an architecture name, not to a checkpoint")
-            start = load_checkpoint(src)
-            start.build_model()  # fail early (before loading data) on an unknown architecture or weights that do not fit
-            bundle = load_data(data or recorded_data_spec(start.metadata.get("data"), src, "--data") or "digits")
-            if tuple(bundle.input_shape) != tuple(start.input_shape):
-                raise UsageError(f"data {bundle.spec} has samples of shape {bundle.input_shape}, "
-                                 f"the checkpoint expects {tuple(start.input_shape)}")
-        elif str(source) in list_archs():
-            bundle = load_data(data or "digits")
-            dense_path = out / "dense.pt"
-            if resume and dense_path.is_file():
-                start = load_checkpoint(dense_path, expected_arch=str(source))
-            else:
-                start = train_dense(str(source), bundle, recipe(dense_epochs, dense_lr), kwargs, seed, ctx, progress)
-                if ctx.is_main:
-                    save_checkpoint(dense_path, start)
-                    log(f"dense {source}: test accuracy {start.metadata['test_acc']:.2f} % -> {dense_path}")
-        else:  # exit 8 like an unknown architecture anywhere else (a checkpoint's, a tool's --arch)
-            raise UnsupportedError(f"{str(source)!r} is neither a checkpoint file nor a known architecture "
-                                   f"({', '.join(list_archs())})")
-        return run_pruning(start, bundle, cfg, out, ctx, resume=resume, progress=progress)
-    except EgpError as e:
-        if ctx.enabled and not ctx.is_main:
-            raise type(e)(f"(rank {ctx.rank}) {e}") from None
-        raise
-    finally:
-        shutdown(ctx)
+    # the folder is rank 0's (it writes every file of the run); the run's own input is never deleted
+    lock = run_folder(out, resume=resume, force=force, command="egp-prune", run_files=PRUNE_RUN_FILES,
+                      keep=[source] if Path(source).is_file() else []) if is_main_process() else nullcontext()
+    with lock:
+        ctx = init_distributed(dist_backend)
+        try:
+            torch.manual_seed(seed)
+            recipe = lambda n, rate_: TrainConfig(epochs=n, lr=rate_, momentum=momentum, weight_decay=weight_decay,  # noqa: E731
+                                                  batch_size=batch_size, schedule=schedule)
+            cfg = PruneConfig(method=method, iterations=iterations, rate=rate, tolerance=tolerance, patience=patience,
+                              finetune=recipe(epochs, lr), entropy_mode=entropy_mode, calibration_batches=calibration_batches,
+                              seed=seed, min_keep_cut=min_keep_cut, temperature=temperature)
+            cfg.validate()
+            src = Path(source)
+            if src.suffix in (".pt", ".pth", ".ckpt") or src.exists():
+                if kwargs:
+                    raise UsageError("--arch-kwargs applies to an architecture name, not to a checkpoint")
+                start = load_checkpoint(src)
+                start.build_model()  # fail early (before loading data) on an unknown architecture or weights that do not fit
+                bundle = load_data(data or recorded_data_spec(start.metadata.get("data"), src, "--data") or "digits")
+                if tuple(bundle.input_shape) != tuple(start.input_shape):
+                    raise UsageError(f"data {bundle.spec} has samples of shape {bundle.input_shape}, "
+                                     f"the checkpoint expects {tuple(start.input_shape)}")
+            elif str(source) in list_archs():
+                bundle = load_data(data or "digits")
+                dense_path = out / "dense.pt"
+                if resume and dense_path.is_file():
+                    start = load_checkpoint(dense_path, expected_arch=str(source))
+                else:
+                    start = train_dense(str(source), bundle, recipe(dense_epochs, dense_lr), kwargs, seed, ctx, progress)
+                    if ctx.is_main:
+                        save_checkpoint(dense_path, start)
+                        log(f"dense {source}: test accuracy {start.metadata['test_acc']:.2f} % -> {dense_path}")
+            else:  # exit 8 like an unknown architecture anywhere else (a checkpoint's, a tool's --arch)
+                raise UnsupportedError(f"{str(source)!r} is neither a checkpoint file nor a known architecture "
+                                       f"({', '.join(list_archs())})")
+            return run_pruning(start, bundle, cfg, out, ctx, resume=resume, progress=progress)
+        except EgpError as e:
+            if ctx.enabled and not ctx.is_main:
+                raise type(e)(f"(rank {ctx.rank}) {e}") from None
+            raise
+        finally:
+            shutdown(ctx)
 
 
 # ------------------------------------------------------------------------------------ export
@@ -210,7 +226,9 @@ def export(
     """PyTorch model file -> verified ONNX ModelProto with provenance metadata (``.model``);
     written atomically to ``output`` when given (nothing is written if the check fails)."""
     from egp_deploy.export import export_file, export_model, load_source, parse_input_shape
+    from egp_deploy.validation import validate_options
 
+    validate_options("export", {"batch_size": batch_size, "export_tolerance": tolerance, "seed": seed})
     shape = parse_input_shape(input_shape)
     options = dict(batch_size=batch_size, exporter=exporter, rtol=tolerance, seed=seed)
     if output is not None:
@@ -237,8 +255,10 @@ def surgery_options(options: SurgeryOptions | Mapping[str, Any] | None = None, *
     if unknown:
         raise UsageError(f"unknown surgery option(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
     from egp_deploy.surgery.passes import check_pass_names
+    from egp_deploy.validation import validate_surgery_options
 
-    # unknown pass names fail here, before any model or data is loaded
+    # bad numbers, choices and pass names fail here, before any model or data is loaded
+    validate_surgery_options(values)
     values["skip"], values["only"] = check_pass_names(values.get("skip", []), values.get("only"))
     return SurgeryOptions(**values)
 
@@ -294,8 +314,20 @@ def _load_onnx(model: Any) -> onnx.ModelProto:
     path = Path(model)
     proto = read_onnx(path)  # sizes checked before weights are decoded
     if not proto.graph.node:
+        if proto.ir_version and proto.HasField("graph") and (proto.graph.input or proto.graph.output):
+            raise UnsupportedError(f"{path} is an ONNX graph with no nodes (its outputs are its inputs or "
+                                   "constants): nothing to run or rewrite")
         raise InputFileError(f"{path} is not an ONNX model (no graph nodes)")
     return proto
+
+
+def _check_surgery_model(proto: onnx.ModelProto, samples: int) -> None:
+    """What the surgery needs of a model, before any data is loaded: one float32 input whose
+    ``samples`` fit in memory (exit 8 otherwise) and finite weights (exit 6)."""
+    from egp_deploy.validation import check_finite_weights, check_onnx_model_inputs
+
+    check_onnx_model_inputs(proto, "the surgery", samples, float32_only=True)
+    check_finite_weights(proto)
 
 
 def optimize(
@@ -318,11 +350,13 @@ def optimize(
     import numpy as np
 
     from egp_deploy.calibration import load_calibration, load_samples, onnx_sample_shape
-    from egp_deploy.provenance import record_surgery
-    from egp_deploy.surgery import optimize as run_surgery
+    from egp_deploy.validation import validate_options
 
-    proto = _load_onnx(model)
+    validate_options("surgery", {"samples": samples, "seed": seed})
     opts = surgery_options(options, **overrides)
+    proto = _load_onnx(model)
+    given = sum(len(a) for a in (calibration, held_out) if isinstance(a, np.ndarray))
+    _check_surgery_model(proto, given or 2 * samples)
     if not isinstance(calibration, np.ndarray):
         sample_shape, _ = onnx_sample_shape(proto)
         if isinstance(held_out, np.ndarray):
@@ -333,6 +367,15 @@ def optimize(
         calibration = cal
     elif isinstance(held_out, str):
         held_out = load_samples(held_out, onnx_sample_shape(proto)[0], samples, "test", seed + 1)
+    return _surgery(proto, calibration, held_out, opts)
+
+
+def _surgery(proto: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarray | None,
+             opts: SurgeryOptions) -> SurgeryResult:
+    """The surgery of a checked model on loaded inputs, with fresh provenance metadata."""
+    from egp_deploy.provenance import record_surgery
+    from egp_deploy.surgery import optimize as run_surgery
+
     result = run_surgery(proto, calibration, held_out, opts)
     record_surgery(result.model, result.report, proto)
     return result
@@ -358,22 +401,22 @@ def surgery_file(
     from egp_deploy.io_utils import atomic_files
     from egp_deploy.surgery.report import save_report_plot
 
+    check.validate_options("surgery", locals())
     opts = surgery_options(options)
     inputs = [input] + [Path(p) for p in (calibration, held_out) if p and Path(p).is_file()]
     outputs = {"OUTPUT": output, "--report": report, "--plot": plot, "--latency-table": opts.latency_table}
     check.check_outputs(inputs, outputs)
+    proto = _load_onnx(input)  # the model first: its checks are cheap, the data's are not
+    _check_surgery_model(proto, samples + held_out_samples)
     check.check_sample_file("--calibration", calibration)
     check.check_sample_file("--held-out", held_out)
-    proto = _load_onnx(input)
-    check.check_onnx_model_inputs(proto, "egp-surgery", samples + held_out_samples, float32_only=True)
-    check.check_finite_weights(proto)
     if opts.cost == "latency":  # a missing backend or a bad latency table fails now, before any work
         from egp_deploy.surgery.latency import make_cost_model
 
         make_cost_model(opts)
     chosen = load_calibration(calibration, onnx_sample_shape(proto)[0], samples, held_out_samples, held_out)
     _announce(chosen, log)
-    result = optimize(proto, chosen.calibration, chosen.held_out, opts)
+    result = _surgery(proto, chosen.calibration, chosen.held_out, opts)
     result.report["files"] = {"input": os.fspath(input), "output": os.fspath(output),
                               "calibration": chosen.description}
     with atomic_files() as staged:  # model, report and plot appear together or not at all
@@ -527,8 +570,9 @@ def deploy(
     from egp_deploy.export import detect_kind, export_model, load_source, parse_input_shape, read_metadata
     from egp_deploy.io_utils import staged_files
     from egp_deploy.onnx_metrics import graph_metrics
-    from egp_deploy.validation import check_outputs
+    from egp_deploy.validation import check_outputs, validate_options
 
+    validate_options("export", locals())
     model_path = Path(checkpoint)
     detect_kind(model_path)  # a missing / non-PyTorch input is reported before anything about outputs
     paths = output_paths(model_path, output, surgery, report)
@@ -667,7 +711,9 @@ def _settings(settings: BenchSettings | None, kw: Mapping[str, Any]) -> BenchSet
     unknown = sorted(set(values) - names)
     if unknown:
         raise UsageError(f"unknown bench setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
-    return BenchSettings(**values)
+    chosen = BenchSettings(**values)
+    chosen.validate()  # before any model is loaded
+    return chosen
 
 
 def bench(
@@ -689,8 +735,9 @@ def bench(
     from egp_deploy.validation import check_outputs
 
     paths = [models] if isinstance(models, (str, os.PathLike)) else list(models)
+    chosen = _settings(settings, setting_overrides)
     check_outputs(paths, {"--json": json_path, "--plot": plot_path})
-    data = benchmark_models(paths, backend, _settings(settings, setting_overrides), progress=progress)
+    data = benchmark_models(paths, backend, chosen, progress=progress)
     with atomic_files() as outputs:  # the report and the plot appear together or not at all
         if json_path is not None:
             outputs.write_json(json_path, data)
@@ -736,7 +783,7 @@ def check(
     written to ``json_path`` in every case, except where that path is the model itself (the
     reason is then the message), and OSError if writing it fails."""
     from egp_deploy.io_utils import write_json_atomic
-    from egp_deploy.validation import RANGES, check_number, check_outputs, output_is_safe
+    from egp_deploy.validation import check_outputs, output_is_safe, validate_options
 
     model = Path(model)
     json_arg = json_path
@@ -750,11 +797,10 @@ def check(
 
         if _error is not None:  # the caller could not even parse what to measure
             raise _error
+        validate_options("check", {"budget_ms": budget_ms, "percentile": percentile})
+        chosen = _settings(settings, setting_overrides)
         check_outputs([model], {"--json": json_arg})
-        for name, value in (("budget_ms", budget_ms), ("percentile", percentile)):
-            flag, rng = RANGES["check"][name]
-            check_number(flag, value, rng)
-        data = benchmark_models([model], backend, _settings(settings, setting_overrides), progress=False)
+        data = benchmark_models([model], backend, chosen, progress=False)
         entry = data["models"][0]
         # the 50th percentile is the median as trtexec computes it (the mean of the middle two for even counts)
         measured = entry["latency_ms"]["median"] if percentile == 50 else pct(sorted(entry["samples_ms"]), percentile)

@@ -47,9 +47,7 @@ class BenchSettings:
         """The command line's ranges (egp_deploy.validation): NaN/Inf durations would never end."""
         from egp_deploy.validation import validate_options
 
-        validate_options("bench", {"warmup_ms": self.warmup_ms, "iterations": self.min_iterations,
-                                   "duration": self.min_duration_s, "batch": self.batch, "threads": self.threads,
-                                   "seed": self.seed})
+        validate_options("bench", vars(self))
         if self.precision not in ("fp32", "fp16"):
             raise UsageError(f"--precision {self.precision!r}: choose fp32 or fp16")
 

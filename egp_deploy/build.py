@@ -155,10 +155,12 @@ def build_engine(
     write_layers: bool = True,
 ) -> BuildResult:
     """Build ``onnx_path`` into a TensorRT engine; write engine, sidecar and layer list atomically."""
+    from egp_deploy.validation import check_build_paths, validate_options
+
+    validate_options("build", {"workspace_mib": workspace_mib} if workspace_mib is not None else {})
+    check_build_paths(onnx_path, engine_path, timing_cache, write_layers)
     onnx_path = Path(onnx_path)
     engine_path = Path(engine_path) if engine_path else onnx_path.with_suffix(".engine")
-    if engine_path.resolve() == onnx_path.resolve():
-        raise UsageError("the engine path must differ from the ONNX path")
     inputs, is_fp16 = onnx_inputs(onnx_path)
     profiles = plan_profiles(inputs, shapes)
     trt = import_tensorrt()

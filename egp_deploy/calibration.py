@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from egp_deploy.errors import DataError, NonFiniteError, first_words
+from egp_deploy.errors import DataError, NonFiniteError, UnsupportedError, first_words
 
 RANDOM = "random"
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -155,6 +155,6 @@ def onnx_sample_shape(model) -> tuple[list[int | None], str]:
     init = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in init]
     if len(inputs) != 1:
-        raise DataError(f"the model has {len(inputs)} inputs; the surgery supports exactly one")
+        raise UnsupportedError(f"the model has {len(inputs)} inputs; the surgery supports exactly one")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
     return dims[1:], inputs[0].name

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from egp_deploy.archs import create_model
-from egp_deploy.errors import InputFileError, first_words
+from egp_deploy.errors import InputFileError
 from egp_deploy.io_utils import atomic_path
 
 FORMAT = "egp-deploy-checkpoint"
@@ -92,6 +92,25 @@ def checkpoint_from_model(
     return Checkpoint(arch, dict(arch_kwargs), model.state_dict(), tuple(input_shape), num_classes, metadata or {})
 
 
+def _unreadable_because(path: Path, error: Exception) -> str:
+    """What is wrong with a file torch.load refused, in our words (torch's own text runs to a
+    paragraph about its defaults, or ends in a miniz error number)."""
+    import pickle
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"cannot read it ({e.strerror or type(e).__name__})"
+    if not head:
+        return "the file is empty"
+    if head != b"PK\x03\x04" and not head.startswith(b"\x80"):  # torch.save's zip, or a (legacy) pickle
+        return "not a PyTorch file (neither a zip archive nor a pickle)"
+    if isinstance(error, pickle.UnpicklingError) or "weights only load failed" in str(error).lower():
+        return "a pickle holding more than tensors and plain containers, or not written by torch.save (nothing else is unpickled here)"
+    return "a damaged or truncated file" if head.startswith(b"\x80") else "a damaged or truncated zip archive"
+
+
 def load_checkpoint(path: str | Path, expected_arch: str | None = None) -> Checkpoint:
     """Read and validate a checkpoint; every failure is one clear InputFileError."""
     path = Path(path)
@@ -100,11 +119,8 @@ def load_checkpoint(path: str | Path, expected_arch: str | None = None) -> Check
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load on a foreign file can raise nearly anything (KeyError, EOFError...)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputFileError(
-            f"{path} is not a readable egp-deploy checkpoint ({first_words(msg, 160)}); TorchScript/.pt2/pickled "
-            "modules are accepted by egp-export only"
-        ) from None
+        raise InputFileError(f"{path} is not a readable egp-deploy checkpoint: {_unreadable_because(path, e)}; "
+                             "TorchScript/.pt2/pickled modules are accepted by egp-export only") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise InputFileError(f"{path} is not an egp-deploy checkpoint (no 'format': '{FORMAT}' entry)")
     if obj.get("format_version") != FORMAT_VERSION:

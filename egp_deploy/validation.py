@@ -1,8 +1,9 @@
 """Checks every command runs BEFORE any work: numeric options and output paths.
 
-One table of ranges per command (``RANGES``), keyed by the option's parameter name, so the CLI and
-the library API check the same thing the same way: finite, inside the range, and the range named
-in the message (exit 2). NaN and infinity are refused everywhere: ``nan < 0`` is False, so a plain
+One table of ranges per library call (``RANGES``), keyed by the parameter name the call and its
+command share, and one for the surgery's options (``SURGERY_OPTIONS``): the library call checks
+them before any work, so the command line and the Python API refuse the same values the same way:
+finite, inside the range, and the range named in the message (exit 2). NaN and infinity are refused everywhere: ``nan < 0`` is False, so a plain
 comparison lets NaN through, and an infinite duration never returns.
 
 Output paths: never equal to an input (after resolving symlinks, hard links included), never a
@@ -12,12 +13,15 @@ an unwritable report fails at once instead of after the work, with the model alr
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+import numbers
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from egp_deploy.errors import UsageError, first_words
 
@@ -45,6 +49,10 @@ class Range:
         return "finite"
 
     def contains(self, value: float) -> bool:
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond a float's range
+            return False
         if not math.isfinite(value):
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
@@ -58,19 +66,46 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
+# Messages name an option as its caller spelled it: the flag on a command line (the commands run
+# inside :func:`flag_names`), the parameter or field name in the Python API.
+_FLAG_NAMES: contextvars.ContextVar[bool] = contextvars.ContextVar("egp_flag_names", default=False)
+
+
+@contextlib.contextmanager
+def flag_names() -> Iterator[None]:
+    """Within this block, range errors name command-line flags (``--lr``) instead of parameters (``lr``)."""
+    token = _FLAG_NAMES.set(True)
+    try:
+        yield
+    finally:
+        _FLAG_NAMES.reset(token)
+
+
+def option_name(name: str, flag: str | None) -> str:
+    """How a message names option ``name`` (whose command-line flag is ``flag``, None if it has none)."""
+    return flag if flag and _FLAG_NAMES.get() else name
+
+
 def check_number(option: str, value: Any, rng: Range) -> None:
     """UsageError (exit 2) naming the option, the range and the value unless ``value`` is in ``rng``."""
     if value is None:
         if rng.optional:
             return
         raise UsageError(f"{option} needs a value in {rng.describe()}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise UsageError(f"{option} must be a number in {rng.describe()}, got {value!r}")
-    if rng.integer and not float(value).is_integer():
+    if not rng.contains(value):
+        finite = isinstance(value, numbers.Integral) or math.isfinite(value)
+        raise UsageError(f"{option} must be {'' if finite else 'finite and '}in {rng.describe()}, got {_shown(value)}")
+    if rng.integer and not (isinstance(value, numbers.Integral) or float(value).is_integer()):
         raise UsageError(f"{option} must be a whole number in {rng.describe()}, got {value!r}")
-    if not rng.contains(float(value)):
-        raise UsageError(f"{option} must be {'finite and ' if not math.isfinite(value) else ''}"
-                         f"in {rng.describe()}, got {value:g}")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, numbers.Integral):
+        text = str(value)
+        return text if len(text) <= 24 else f"an integer of {len(text)} digits"
+    return format(value, "g")
 
 
 POSITIVE = Range(0, None, low_open=True)
@@ -82,32 +117,46 @@ SEED = Range(0, SEED_MAX, integer=True)
 TOLERANCE = Range(0, 1, low_open=True)  # relative error: 0 would refuse fp32 round-off, > 1 accepts anything
 FRACTION = Range(0, 1)
 
-_TIMING = {
+Option = tuple[Optional[str], Range]  # (the command-line flag, None where there is none; the range)
+
+_TIMING: dict[str, Option] = {  # BenchSettings fields
     "warmup_ms": ("--warmup-ms", Range(0, 3_600_000)),  # an hour of warm-up at most
-    "iterations": ("--iterations", COUNT),
-    "duration": ("--duration", Range(0, 86_400)),  # a day: a finite bound, so every run ends
+    "min_iterations": ("--iterations", COUNT),
+    "min_duration_s": ("--duration", Range(0, 86_400)),  # a day: a finite bound, so every run ends
     "batch": ("--batch", Range(1, 65_536, integer=True, optional=True)),
     "threads": ("--threads", Range(1, 4096, integer=True, optional=True)),
 }
 
-RANGES: dict[str, dict[str, tuple[str, Range]]] = {
+# SurgeryOptions fields; the flag is egp-surgery's (egp-export sets them all with --set KEY=VALUE)
+SURGERY_OPTIONS: dict[str, Option] = {
+    "tolerance": ("--tolerance", TOLERANCE), "inexact_tolerance": (None, TOLERANCE),
+    "held_out_tolerance": (None, TOLERANCE), "max_mac_growth": ("--max-mac-growth", Range(0, 1e6, low_open=True)),
+    "min_held_out_agreement": ("--min-agreement", FRACTION), "batch_size": ("--batch-size", BATCH),
+    "threads": ("--threads", Range(0, 4096, integer=True)),
+    "channel_multiple": ("--channel-multiple", Range(1, 4096, integer=True)),
+    "max_rounds": (None, Range(0, 1000, integer=True)),
+    "max_data_dependent_error": ("--max-data-dependent-error", Range(0, 1, optional=True)),
+    "min_calibration_samples": (None, Range(0, 10**6, integer=True)),
+    "latency_margin": ("--latency-margin", Range(0, 1, high_open=True)),
+    "latency_threads": (None, Range(1, 4096, integer=True)), "latency_rounds": (None, Range(1, 10**5, integer=True)),
+}
+
+# Per library call (egp_deploy.api), keyed by its parameter names; the commands' parameters carry the same
+# names, so the command line and the API are checked by the same entries, in the library call.
+RANGES: dict[str, dict[str, Option]] = {
     "bench": {**_TIMING, "seed": ("--seed", SEED)},
     "check": {**_TIMING, "budget_ms": ("--budget-ms", Range(0, 3_600_000, low_open=True)),
               "percentile": ("--percentile", Range(0, 100, low_open=True))},
     "build": {"workspace_mib": ("--workspace", Range(0, 1 << 20, integer=True))},
     "export": {"batch_size": ("--batch-size", BATCH), "samples": ("--samples", SAMPLES),
-               "tolerance": ("--export-tolerance", TOLERANCE), "threads": ("--threads", THREADS),
+               "export_tolerance": ("--export-tolerance", TOLERANCE), "threads": ("--threads", THREADS),
                "seed": ("--seed", SEED)},
+    # surgery_file / optimize; their SurgeryOptions fields are checked with SURGERY_OPTIONS
     "surgery": {"samples": ("--samples", SAMPLES), "held_out_samples": ("--held-out-samples", SAMPLES),
-                "tolerance": ("--tolerance", TOLERANCE), "max_mac_growth": ("--max-mac-growth", Range(0, 1e6, low_open=True)),
-                "min_agreement": ("--min-agreement", FRACTION), "batch_size": ("--batch-size", BATCH),
-                "threads": ("--threads", Range(0, 4096, integer=True)),
-                "channel_multiple": ("--channel-multiple", Range(1, 4096, integer=True)),
-                "max_data_dependent_error": ("--max-data-dependent-error", Range(0, 1, optional=True)),
-                "latency_margin": ("--latency-margin", Range(0, 1, high_open=True))},
+                "seed": (None, SEED)},
     "prune": {"iterations": ("--iterations", Range(0, 1000, integer=True)),
               "rate": ("--rate", Range(0, 1, low_open=True, high_open=True)),
-              "min_keep_cut": ("--min-keep-cut", FRACTION),
+              "min_keep_cut": ("--min-keep-cut", Range(0, 1, high_open=True)),  # 1 would keep cut layers whole
               "temperature": ("--temperature", Range(0, 1e6, low_open=True)),
               "tolerance": ("--tolerance", Range(0, 100, optional=True)),  # accuracy points
               "patience": ("--patience", Range(1, 1000, integer=True)),
@@ -122,23 +171,30 @@ RANGES: dict[str, dict[str, tuple[str, Range]]] = {
               "seed": ("--seed", SEED)},
 }
 
-# surgery options settable through egp-export --set KEY=VALUE: the same ranges as egp-surgery's flags
-SURGERY_OPTION_RANGES: dict[str, Range] = {
-    "tolerance": TOLERANCE, "inexact_tolerance": TOLERANCE, "held_out_tolerance": TOLERANCE,
-    "max_mac_growth": Range(0, 1e6, low_open=True), "min_held_out_agreement": FRACTION,
-    "batch_size": BATCH, "threads": Range(0, 4096, integer=True), "channel_multiple": Range(1, 4096, integer=True),
-    "max_rounds": Range(0, 1000, integer=True),
-    "max_data_dependent_error": Range(0, 1, optional=True), "min_calibration_samples": Range(0, 10**6, integer=True),
-    "latency_margin": Range(0, 1, high_open=True), "latency_threads": Range(1, 4096, integer=True),
-    "latency_rounds": Range(1, 10**5, integer=True),
-}
-
 
 def validate_options(command: str, values: Mapping[str, Any]) -> None:
-    """Check every numeric option of ``command`` present in ``values`` (e.g. a command's locals())."""
-    for name, (flag, rng) in RANGES[command].items():
+    """Check every numeric option of ``command`` present in ``values`` (e.g. a library call's locals())."""
+    validate_against(RANGES[command], values)
+
+
+def validate_against(table: Mapping[str, Option], values: Mapping[str, Any]) -> None:
+    """Each entry of ``table`` present in ``values``: in range, or UsageError (exit 2) naming it."""
+    for name, (flag, rng) in table.items():
         if name in values:
-            check_number(flag, values[name], rng)
+            check_number(option_name(name, flag), values[name], rng)
+
+# SurgeryOptions fields that name one of a few choices (egp-surgery's --cost / --backend offer these)
+SURGERY_CHOICES: dict[str, tuple[str, ...]] = {"cost": ("macs", "latency"),
+                                               "latency_backend": ("ort-cpu", "ort-cuda", "ort-trt")}
+
+
+def validate_surgery_options(values: Mapping[str, Any]) -> None:
+    """SurgeryOptions fields (a mapping): numbers in range and choices among the valid ones, so that a
+    bad value is refused before an export or a measurement starts, not when its pass runs."""
+    validate_against(SURGERY_OPTIONS, values)
+    for name, valid in SURGERY_CHOICES.items():
+        if name in values and values[name] not in valid:
+            raise UsageError(f"surgery option {name} must be {' or '.join(valid)}, got {values[name]!r}")
 
 
 def validate_surgery_settings(settings: Iterable[str]) -> None:
@@ -147,14 +203,15 @@ def validate_surgery_settings(settings: Iterable[str]) -> None:
     for item in settings:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
-        rng = SURGERY_OPTION_RANGES.get(key)
-        if not sep or rng is None:
+        if not sep or key not in SURGERY_OPTIONS:
+            continue
+        if raw.strip().lower() == "none" and SURGERY_OPTIONS[key][1].optional:
             continue
         try:
             value = float(raw.strip())
         except ValueError:
             raise UsageError(f"--set {key}={raw.strip()}: not a number") from None
-        check_number(f"--set {key}", value, rng)
+        check_number(f"--set {key}", value, SURGERY_OPTIONS[key][1])
 
 
 # ---------------------------------------------------------------- paths
@@ -318,18 +375,30 @@ def check_onnx_model_inputs(model: Any, command: str, samples: int = 0, float32_
 
 
 def check_finite_weights(model: Any) -> None:
-    """NaN or Inf in any initializer: NonFiniteError (exit 6) naming it, before any measurement
-    (verification would otherwise compare NaN with NaN and report 'rel. error inf > inf')."""
+    """NaN or Inf in any initializer or Constant node: NonFiniteError (exit 6) naming it, before any
+    measurement (verification would otherwise compare NaN with NaN and report 'rel. error inf > inf')."""
     import numpy as np
-    from onnx import numpy_helper
+    from onnx import AttributeProto, numpy_helper
 
     from egp_deploy.errors import NonFiniteError
 
-    for init in model.graph.initializer:
-        if init.data_type not in _FLOAT_TYPES or init.data_location == 1:  # external data: checked on load
-            continue
-        arr = numpy_helper.to_array(init)
+    def tensors() -> Iterator[tuple[str, Any]]:
+        for init in model.graph.initializer:
+            if init.data_type in _FLOAT_TYPES and init.data_location != 1:  # external data: checked on load
+                yield f"weight {init.name!r}", init
+        for node in model.graph.node:
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+                continue
+            for attr in node.attribute:
+                what = f"constant {node.name or (node.output[0] if node.output else '?')!r}"
+                if attr.type == AttributeProto.TENSOR and attr.t.data_type in _FLOAT_TYPES:
+                    yield what, attr.t
+                elif attr.type in (AttributeProto.FLOAT, AttributeProto.FLOATS):
+                    yield what, np.asarray(attr.f if attr.type == AttributeProto.FLOAT else attr.floats, np.float32)
+
+    for what, tensor in tensors():
+        arr = tensor if isinstance(tensor, np.ndarray) else numpy_helper.to_array(tensor)
         if arr.size and not np.isfinite(arr.astype(np.float32, copy=False)).all():
             bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-            raise NonFiniteError(f"weight {init.name!r} holds {bad} NaN/Inf value(s) of {arr.size}: the model "
+            raise NonFiniteError(f"{what} holds {bad} NaN/Inf value(s) of {arr.size}: the model "
                                  "cannot be measured or verified")

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from egp_deploy.cli._common import invoke
 from egp_deploy.errors import InputFileError
 from egp_deploy.pt2_archive import UNSAFE_HINT, is_safe_expression, load_exported_program
-from egp_deploy.validation import RANGES
+from egp_deploy.validation import RANGES, SURGERY_OPTIONS
 
 # ---------------------------------------------------------------- 1. a .pt2 cannot run code
 
@@ -728,6 +728,11 @@ def _in_range(rng):
     return st.floats(low, high, exclude_min=rng.low_open, exclude_max=rng.high_open).map(repr)
 
 
+def _command_options(stage: str) -> dict:
+    """{name: (flag, range)} the flags of egp-STAGE are checked with (egp-surgery's surgery options too)."""
+    return {**RANGES[stage], **(SURGERY_OPTIONS if stage == "surgery" else {})}
+
+
 def test_fuzz_covers_every_numeric_option_of_every_command():
     import importlib
     import inspect
@@ -740,7 +745,7 @@ def test_fuzz_covers_every_numeric_option_of_every_command():
             kinds = typing.get_args(param.annotation) or (param.annotation,)
             if any(k in (int, float) for k in kinds):
                 numeric.add(name)
-        assert numeric and numeric <= set(RANGES[stage]), (stage, numeric - set(RANGES[stage]))
+        assert numeric and numeric <= set(_command_options(stage)), (stage, numeric - set(_command_options(stage)))
 
 
 @pytest.mark.parametrize("stage", COMMANDS)
@@ -756,7 +761,7 @@ def test_fuzz_numeric_options(stage, tmp_path, monkeypatch, capsys):
     model = _tiny_checkpoint(tmp_path / "m.pt") if stage in ("prune", "export") else _tiny_onnx(tmp_path / "m.onnx")
     base = {"check": [model, "--budget-ms", "50"], "export": [model, "-o", tmp_path / "o.onnx"],
             "surgery": [model, tmp_path / "o.onnx"], "prune": [model, "-o", tmp_path / "run"]}.get(stage, [model])
-    ranges = {flag: rng for flag, rng in RANGES[stage].values()}
+    ranges = {flag: rng for flag, rng in _command_options(stage).values() if flag}
     option = st.sampled_from(sorted(ranges)).flatmap(lambda flag: st.tuples(st.just(flag), st.one_of(_VALUES, _in_range(ranges[flag]))))
 
     @settings(max_examples=16, deadline=None, derandomize=True, database=None,

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from egp_deploy.errors import EXIT_CODES_HELP, EgpError
+from egp_deploy.validation import flag_names
 
 try:  # typer >= 0.2x vendors click; older typer raises the click package's exceptions
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
@@ -193,16 +194,6 @@ def _quiet_libraries() -> Iterator[None]:
                 root.removeHandler(handler)
 
 
-def hold(resource: Any) -> Any:
-    """Enter the context manager ``resource`` until the running command returns (its exit runs on
-    every path, errors included): a lock taken in the first lines of a command."""
-    try:
-        from typer._click.globals import get_current_context
-    except ImportError:  # pragma: no cover - typer with the click package
-        from click import get_current_context  # type: ignore[no-redef]
-    return get_current_context().with_resource(resource)
-
-
 def argument_error_line(e: Exception, prog_name: str) -> str:
     """click's usage error as one line: the message and where help is."""
     text = e.format_message() if hasattr(e, "format_message") else str(e)
@@ -219,7 +210,7 @@ def invoke(app: typer.Typer, prog_name: str, argv: Sequence[str] | None = None,
     The name is explicit because click would otherwise derive it from how Python was started
     (``python -m egp_deploy.cli.egp-prune`` under the dispatcher)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    with _quiet_libraries():
+    with _quiet_libraries(), flag_names():  # the library's range errors name the flags
         try:
             code = app(prog_name=prog_name, args=args, standalone_mode=False)
             return code if isinstance(code, int) else 0

@@ -32,23 +32,20 @@ def bench(
     precision: Precision = typer.Option("fp32", "--precision", help="fp32 or fp16 (ort-trt: fp16 kernels; torch-cuda: .half(); ONNX/engines: their own types)."),
     include_copies: bool = typer.Option(False, "--include-copies/--exclude-copies", help="GPU backends: time host<->device copies too (default excludes them, like trtexec)."),
     warmup_ms: float = typer.Option(200.0, "--warmup-ms", help="Warm-up time per model in ms."),
-    iterations: int = typer.Option(10, "--iterations", help="At least this many timed iterations per model."),
-    duration: float = typer.Option(3.0, "--duration", help="At least this many seconds of timed rounds."),
+    min_iterations: int = typer.Option(10, "--iterations", help="At least this many timed iterations per model."),
+    min_duration_s: float = typer.Option(3.0, "--duration", help="At least this many seconds of timed rounds."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random inputs."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report (environment, stats, samples) here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the latency distribution (and ratios) here."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
 ) -> None:
-    from egp_deploy.validation import validate_options
-
-    validate_options("bench", locals())
     from egp_deploy.api import bench as run_bench
     from egp_deploy.bench import print_table
     from egp_deploy.runners import parse_shapes
 
     result = run_bench(
         models, getattr(backend, "value", backend), progress=progress, json_path=json_out, plot_path=plot,
-        warmup_ms=warmup_ms, min_iterations=iterations, min_duration_s=duration, batch=batch,
+        warmup_ms=warmup_ms, min_iterations=min_iterations, min_duration_s=min_duration_s, batch=batch,
         shapes=parse_shapes(shapes), threads=threads, precision=getattr(precision, "value", precision),
         include_copies=include_copies, seed=seed,
     )

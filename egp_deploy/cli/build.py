@@ -28,10 +28,6 @@ def build(
     layers: bool = typer.Option(True, "--layers/--no-layers", help="Write the engine's layer list (JSON) beside it."),
 ) -> None:
     precision = str(precision)
-    from egp_deploy.validation import check_build_paths, validate_options
-
-    validate_options("build", locals())
-    check_build_paths(onnx_model, output, timing_cache, layers)
     from egp_deploy.build import build_engine
     from egp_deploy.runners import parse_shapes
 

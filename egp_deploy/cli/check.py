@@ -31,8 +31,8 @@ def check(
     precision: Precision = typer.Option("fp32", "--precision", help="fp32 or fp16 (see egp-bench)."),
     include_copies: bool = typer.Option(False, "--include-copies/--exclude-copies", help="GPU: include host<->device copies in the timing."),
     warmup_ms: float = typer.Option(200.0, "--warmup-ms", help="Warm-up time in ms."),
-    iterations: int = typer.Option(10, "--iterations", help="At least this many timed iterations."),
-    duration: float = typer.Option(3.0, "--duration", help="At least this many seconds of timing."),
+    min_iterations: int = typer.Option(10, "--iterations", help="At least this many timed iterations."),
+    min_duration_s: float = typer.Option(3.0, "--duration", help="At least this many seconds of timing."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the verdict, measurement and environment here (also when it could not measure)."),
 ) -> None:
     from rich.markup import escape
@@ -41,15 +41,12 @@ def check(
 
     try:
         from egp_deploy.runners import parse_shapes
-        from egp_deploy.validation import validate_options
-
-        validate_options("check", locals())
         parsed = parse_shapes(shapes)
-    except Exception as e:  # noqa: BLE001 - a bad number or --shapes is "could not measure" too
+    except Exception as e:  # noqa: BLE001 - a bad --shapes is "could not measure" too
         parsed, shape_error = None, e
     else:
         shape_error = None
-    settings = dict(warmup_ms=warmup_ms, min_iterations=iterations, min_duration_s=duration, batch=batch,
+    settings = dict(warmup_ms=warmup_ms, min_iterations=min_iterations, min_duration_s=min_duration_s, batch=batch,
                     shapes=parsed, threads=threads, precision=_value(precision), include_copies=include_copies)
     try:
         result = run_check(model, budget_ms, percentile=percentile, backend=_value(backend), json_path=json_out,

@@ -55,9 +55,9 @@ def export(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Final model path (default: MODEL.egp.onnx beside the input; MODEL.onnx with --no-surgery). The exported graph is written as OUT.onnx beside it."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="One sample's shape C,H,W (no batch) (default: from the checkpoint or .pt2)."),
     dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Symbolic batch dimension instead of a static one."),
-    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Static batch size of the exported graph."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Static batch size of the exported graph."),
     calibration: Optional[str] = typer.Option(None, "--calibration", help="Calibration data: a data spec (digits, cifar10:DIR, folder:DIR, plugin:mod:fn), a .npy/.npz file (first half calibrates, second half is held out), or 'random' (default: the checkpoint's data set)."),
-    samples: int = typer.Option(256, "--samples", min=1, help="Calibration samples (and as many held-out samples)."),
+    samples: int = typer.Option(256, "--samples", help="Calibration samples (and as many held-out samples)."),
     no_surgery: bool = typer.Option(False, "--no-surgery", help="Only export and verify; skip the graph surgery."),
     unsafe_pickle: bool = typer.Option(False, "--unsafe-pickle", help="Load files that are code, not data: a pickled nn.Module, a TorchScript program, a .pt2 that fails its check. Loading them RUNS ARBITRARY CODE from the file."),
     build: bool = typer.Option(False, "--build", help="Also build a TensorRT engine (OUT.egp.engine) when TensorRT and a GPU are present."),
@@ -65,11 +65,11 @@ def export(
     report: Optional[Path] = typer.Option(None, "--report", help="JSON report path (default: OUT.egp.json; OUT.export.json with --no-surgery)."),
     plot: bool = typer.Option(True, "--plot/--no-plot", help="Write a before/after PNG beside the report."),
     exporter: Exporter = typer.Option(Exporter.auto, "--exporter", help="auto: legacy TorchScript exporter for modules (fast, module-path node names), dynamo for .pt2."),
-    tolerance: float = typer.Option(1e-4, "--export-tolerance", help="Max relative error of the exported graph against PyTorch."),
+    export_tolerance: float = typer.Option(1e-4, "--export-tolerance", help="Max relative error of the exported graph against PyTorch."),
     settings: list[str] = typer.Option([], "--set", help="Surgery option KEY=VALUE (repeatable), e.g. --set tolerance=1e-5."),
     skip: list[str] = typer.Option([], "--skip", help="Surgery passes not to run (repeatable or comma-separated; an unknown name lists the valid ones)."),
     only: list[str] = typer.Option([], "--only", help="Run only these surgery passes (repeatable or comma-separated); the result is still verified."),
-    threads: int = typer.Option(2, "--threads", min=1, help="CPU threads for PyTorch and onnxruntime."),
+    threads: int = typer.Option(2, "--threads", help="CPU threads for PyTorch and onnxruntime."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random verification/calibration inputs."),
 ) -> None:
     """Export a PyTorch model to one verified, self-contained ONNX file, then strip what EGP collapsed.
@@ -77,10 +77,9 @@ def export(
     Writes OUT.onnx (exported, checked against PyTorch with onnxruntime), OUT.egp.onnx (surgered,
     checked against OUT.onnx on calibration and held-out data), OUT.egp.json and OUT.egp.png.
     """
-    from egp_deploy.validation import validate_options, validate_surgery_settings
+    from egp_deploy.validation import validate_surgery_settings
 
-    validate_options("export", locals())
-    validate_surgery_settings(settings)
+    validate_surgery_settings(settings)  # the --set texts; deploy() checks every other option
     from rich.markup import escape
 
     from egp_deploy.api import deploy, parse_surgery_settings
@@ -88,7 +87,7 @@ def export(
     result = deploy(
         model, output, calibration=calibration, samples=samples, surgery=not no_surgery,
         options={**parse_surgery_settings(settings), **pass_selection(skip, only)}, input_shape=input_shape, dynamic_batch=dynamic_batch,
-        batch_size=batch_size, exporter=_value(exporter), export_tolerance=tolerance, unsafe_pickle=unsafe_pickle,
+        batch_size=batch_size, exporter=_value(exporter), export_tolerance=export_tolerance, unsafe_pickle=unsafe_pickle,
         build=build, precision=_value(precision), report=report, plot=plot, threads=threads, seed=seed,
         progress=console.is_terminal, log=say,
         stage=lambda text: console.status(text) if console.is_terminal else _nothing(),

@@ -9,9 +9,7 @@ import typer
 from rich.table import Table
 
 from egp_deploy.api import parse_arch_kwargs  # noqa: F401  (re-exported: tests and tools use it)
-from egp_deploy.cli._common import choices, hold, new_app, run_app, stdout
-from egp_deploy.io_utils import is_main_process, run_folder
-from egp_deploy.validation import PRUNE_RUN_FILES, check_prune_paths, validate_options
+from egp_deploy.cli._common import choices, new_app, run_app, stdout
 
 Method = choices("Method", ("egp", "imp"))
 Schedule = choices("Schedule", ("cosine", "step", "constant"))
@@ -59,11 +57,6 @@ def prune(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     method, schedule, entropy_mode, dist_backend = map(str, (method, schedule, entropy_mode, dist_backend))
-    validate_options("prune", locals())
-    check_prune_paths(source, out)
-    if is_main_process():  # the folder is rank 0's: it writes every file of the run
-        hold(run_folder(out, resume=resume, force=force, command="egp-prune", run_files=PRUNE_RUN_FILES,
-                        keep=[source] if Path(source).is_file() else []))
     import os
 
     from egp_deploy.api import prune as run_prune
@@ -73,7 +66,7 @@ def prune(
         patience=patience, epochs=epochs, lr=lr, dense_epochs=dense_epochs, dense_lr=dense_lr, batch_size=batch_size,
         momentum=momentum, weight_decay=weight_decay, schedule=_value(schedule), entropy_mode=_value(entropy_mode),
         calibration_batches=calibration_batches, min_keep_cut=min_keep_cut, temperature=temperature,
-        arch_kwargs=arch_kwargs, seed=seed, resume=resume, dist_backend=_value(dist_backend), progress=not quiet,
+        arch_kwargs=arch_kwargs, seed=seed, resume=resume, force=force, dist_backend=_value(dist_backend), progress=not quiet,
         log=stdout.print,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports

@@ -13,9 +13,10 @@ import typer
 
 from egp_deploy.cli._common import choices, console, new_app, pass_selection, run_app, stdout
 from egp_deploy.errors import UsageError
+from egp_deploy.validation import SURGERY_CHOICES
 
-Cost = choices("Cost", ("macs", "latency"))
-LatencyBackend = choices("LatencyBackend", ("ort-cpu", "ort-cuda", "ort-trt"))
+Cost = choices("Cost", SURGERY_CHOICES["cost"])
+LatencyBackend = choices("LatencyBackend", SURGERY_CHOICES["latency_backend"])
 
 app = new_app(
     "Graph surgery on an ONNX model: fold BN/constants/identities, measure the graph's own activation "
@@ -36,30 +37,30 @@ def surgery(
         None, "--held-out",
         help="Held-out inputs for verification (same forms). Default: the test split of a data set "
              "given as --calibration, otherwise fresh random normal inputs."),
-    samples: int = typer.Option(256, "--samples", "-n", min=1, help="Calibration samples."),
-    held_out_samples: int = typer.Option(256, "--held-out-samples", min=1, help="Held-out samples."),
+    samples: int = typer.Option(256, "--samples", "-n", help="Calibration samples."),
+    held_out_samples: int = typer.Option(256, "--held-out-samples", help="Held-out samples."),
     tolerance: float = typer.Option(1e-5, help="Max relative error max|y'-y|/max|y| of exact rewrites."),
     max_mac_growth: float = typer.Option(
         1.0, help="With --cost macs: a merged segment may cost at most this factor x the MACs of the layers it replaces."),
     allow_inexact_merge: bool = typer.Option(
         False, help="Also merge k x k + k x k convs (wrong near the border; the error is reported)."),
     channel_multiple: int = typer.Option(
-        8, min=1, help="Keep narrowed channel counts at multiples of this (runtimes block channels by 8/16; "
+        8, help="Keep narrowed channel counts at multiples of this (runtimes block channels by 8/16; "
                        "1 narrows fully)."),
     simplify_layout_chains: bool = typer.Option(
         False, help="Also collapse Reshape/Transpose chains (fewer nodes; can defeat onnxruntime's MatMul "
                     "fusion and run slower: benchmark it)."),
     strip: bool = typer.Option(True, help="Strip activations found always linear on calibration data (data-dependent)."),
-    min_agreement: float = typer.Option(
-        0.99, help="Held-out top-1 agreement the data-dependent strips must keep, else they are reverted."),
+    min_held_out_agreement: float = typer.Option(
+        0.99, "--min-agreement", help="Held-out top-1 agreement the data-dependent strips must keep, else they are reverted."),
     linearize_smooth: bool = typer.Option(
         False, help="Replace GELU/SiLU/HardSwish/Mish whose channels each stayed ON or OFF on calibration data by "
                     "x / 0 (NOT exact: the error is reported and held to the inexact tolerance)."),
     max_data_dependent_error: Optional[float] = typer.Option(
-        None, min=0.0, help="Bound on the held-out rel. error the data-dependent strips may add; above it they "
+        None, help="Bound on the held-out rel. error the data-dependent strips may add; above it they "
                             "are reverted."),
-    batch_size: int = typer.Option(32, min=1, help="Inference batch size for measurement and verification."),
-    threads: int = typer.Option(0, min=0, help="onnxruntime intra-op threads (0: onnxruntime's default)."),
+    batch_size: int = typer.Option(32, help="Inference batch size for measurement and verification."),
+    threads: int = typer.Option(0, help="onnxruntime intra-op threads (0: onnxruntime's default)."),
     cost: Cost = typer.Option(
         "macs", "--cost", help="What the chain merge planner minimises: macs (deterministic) or latency (each "
                                "candidate merge timed as a small graph on --backend)."),
@@ -68,7 +69,7 @@ def surgery(
         None, "--latency-table", help="With --cost latency: JSON table of timings to reuse and extend "
                                       "(default: a per-device cache under ~/.cache/egp-deploy/latency)."),
     latency_margin: float = typer.Option(
-        0.05, "--latency-margin", min=0.0, help="With --cost latency: a merge must be this fraction faster."),
+        0.05, "--latency-margin", help="With --cost latency: a merge must be this fraction faster."),
     skip: list[str] = typer.Option([], "--skip", help="Surgery passes not to run (repeatable or comma-separated; an unknown name lists the valid ones)."),
     only: list[str] = typer.Option([], "--only", help="Run only these surgery passes (repeatable or comma-separated); the result is still verified."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write the JSON report here."),
@@ -76,9 +77,6 @@ def surgery(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table, no progress bar."),
 ) -> None:
     """Rewrite INPUT into a shallower, narrower graph and write it to OUTPUT after verification."""
-    from egp_deploy.validation import validate_options
-
-    validate_options("surgery", locals())
     if cost == "macs" and (latency_table is not None or backend != "ort-cpu"):
         raise UsageError("--backend and --latency-table choose how merges are timed: they need --cost latency")
     from egp_deploy.api import surgery_file
@@ -88,7 +86,7 @@ def surgery(
     options = dict(
         tolerance=tolerance, max_mac_growth=max_mac_growth, allow_inexact_merge=allow_inexact_merge,
         channel_multiple=channel_multiple, simplify_layout_chains=simplify_layout_chains, strip_activations=strip,
-        min_held_out_agreement=min_agreement, batch_size=batch_size, threads=threads, progress=not quiet,
+        min_held_out_agreement=min_held_out_agreement, batch_size=batch_size, threads=threads, progress=not quiet,
         linearize_smooth=linearize_smooth, max_data_dependent_error=max_data_dependent_error,
         cost=str(cost), latency_backend=str(backend), latency_margin=latency_margin,
         latency_table=None if latency_table is None else os.fspath(latency_table), **pass_selection(skip, only),

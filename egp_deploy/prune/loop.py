@@ -64,20 +64,15 @@ class PruneConfig:
         return d
 
     def validate(self) -> None:
+        """The ranges egp-prune and egp_deploy.prune() check (egp_deploy.validation.RANGES)."""
+        from egp_deploy.validation import validate_options
+
         if self.method not in ("egp", "imp"):
             raise UsageError(f"--method must be egp or imp, got {self.method!r}")
-        if self.iterations < 0:
-            raise UsageError("--iterations must be >= 0")
-        if not 0.0 < self.rate < 1.0:
-            raise UsageError(f"--rate must be in (0, 1), got {self.rate}")
-        if self.patience < 1:
-            raise UsageError("--patience must be >= 1")
-        if self.tolerance is not None and self.tolerance < 0:
-            raise UsageError("--tolerance must be >= 0 (accuracy points)")
-        if not 0.0 <= self.min_keep_cut < 1.0:
-            raise UsageError(f"--min-keep-cut must be in [0, 1), got {self.min_keep_cut}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0.0):
-            raise UsageError(f"--temperature must be a positive number, got {self.temperature}")
+        validate_options("prune", {"iterations": self.iterations, "rate": self.rate, "tolerance": self.tolerance,
+                                   "patience": self.patience, "min_keep_cut": self.min_keep_cut,
+                                   "temperature": self.temperature, "calibration_batches": self.calibration_batches,
+                                   "seed": self.seed})
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

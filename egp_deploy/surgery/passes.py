@@ -79,6 +79,13 @@ def check_pass_names(skip, only) -> tuple[list[str], list[str] | None]:
     skip, only = lists
     if skip and only and set(skip) & set(only):
         raise UsageError(f"surgery passes both skipped and only-run: {', '.join(sorted(set(skip) & set(only)))}")
+    # no pass at all would write the input unchanged as the "surgered" model
+    from egp_deploy.validation import option_name
+
+    if only is not None and not only:
+        raise UsageError(f"{option_name('only', '--only')} names no surgery pass; give at least one (valid: {', '.join(REGISTRY)})")
+    if all(name in (skip or ()) for name in REGISTRY):
+        raise UsageError(f"{option_name('skip', '--skip')} names every surgery pass: nothing would run")
     return skip or [], only
 
 
