@@ -16,6 +16,7 @@ import math
 import os
 import re
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -231,6 +232,46 @@ def _json_bytes(obj: Any) -> bytes:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_bytes_atomic(path, _json_bytes(obj))
+
+
+def read_small_file(path: str | os.PathLike, what: str, max_bytes: int) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``max_bytes``: InputFileError (exit 3) naming
+    ``what`` for anything else. Opened without blocking and checked on the open descriptor, so a FIFO
+    never hangs the reader and a device (``/dev/zero``) or a file grown meanwhile never fills memory."""
+    from egp_deploy.errors import InputFileError
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise InputFileError(f"cannot read {what} {path}: {e.strerror or type(e).__name__}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputFileError(f"{what} {path} is not a regular file (a device, FIFO or socket)")
+        if info.st_size > max_bytes:
+            raise InputFileError(f"{what} {path} is {info.st_size:,} bytes, more than the {max_bytes:,} "
+                                 "this reader accepts")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise InputFileError(f"cannot read {what} {path}: {e.strerror or type(e).__name__}") from None
+    if len(data) > max_bytes:
+        raise InputFileError(f"{what} {path} grew beyond {max_bytes:,} bytes while being read")
+    return data
+
+
+def read_json_file(path: str | os.PathLike, what: str, max_bytes: int) -> Any:
+    """JSON from a bounded regular file (:func:`read_small_file`); text that is not JSON, nested too
+    deeply or holding numbers too long to convert is one InputFileError line, never a traceback."""
+    from egp_deploy.errors import InputFileError, first_words
+
+    data = read_small_file(path, what, max_bytes)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise InputFileError(f"{what} {path} is nested too deeply to be a JSON document this tool reads") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, and int() refusing a 5,000-digit number
+        raise InputFileError(f"{what} {path} is not readable JSON ({type(e).__name__}: {first_words(e, 120)})") from None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

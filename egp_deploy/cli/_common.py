@@ -33,8 +33,10 @@ try:  # typer >= 0.2x vendors click; older typer raises the click package's exce
 except ImportError:  # pragma: no cover
     from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[no-redef]
 
-console = Console(stderr=True, highlight=False)
-stdout = Console(highlight=False)
+# soft_wrap: a line (a warning, an error, a path) stays one line; rich would otherwise cut it at the
+# terminal width, or at 80 columns when the output is not a terminal (tables still fit the width)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+stdout = Console(highlight=False, soft_wrap=True)
 log = logging.getLogger("egp_deploy")
 
 # loggers whose warnings are chatter for a command-line user (kept for --verbose)
@@ -105,12 +107,20 @@ def _with_common_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def command(*args: Any, verbose: bool = False, version: bool = False, **kwargs: Any) -> Any:
-        return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise _Interrupted from None  # typer would turn it into a silent exit 130
 
     del command.__wrapped__  # typer must read the signature below, not func's
     command.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])  # type: ignore[attr-defined]
     command.__annotations__ = {name: p.annotation for name, p in command.__signature__.parameters.items()}
     return command
+
+
+class _Interrupted(BaseException):
+    """Ctrl-C inside a command, carried past typer (which catches KeyboardInterrupt and exits 130
+    without a word) to :func:`invoke`, which says ``interrupted``."""
 
 
 class EgpTyper(typer.Typer):
@@ -238,7 +248,7 @@ def invoke(app: typer.Typer, prog_name: str, argv: Sequence[str] | None = None,
         except EgpError as e:
             console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             return error_exit(e) if error_exit else e.exit_code
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, _Interrupted):
             console.print("[bold red]interrupted[/]")
             return 130
         except Exception as e:  # a bug, not a user error: keep it one line unless debugging

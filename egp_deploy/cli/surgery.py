@@ -12,7 +12,6 @@ from typing import Optional
 import typer
 
 from egp_deploy.cli._common import choices, console, new_app, pass_selection, run_app, stdout
-from egp_deploy.errors import UsageError
 
 Cost = choices("Cost", ("macs", "latency"))
 LatencyBackend = choices("LatencyBackend", ("ort-cpu", "ort-cuda", "ort-trt"))
@@ -78,9 +77,7 @@ def surgery(
     """Rewrite INPUT into a shallower, narrower graph and write it to OUTPUT after verification."""
     from egp_deploy.validation import validate_options
 
-    validate_options("surgery", locals())
-    if cost == "macs" and (latency_table is not None or backend != "ort-cpu"):
-        raise UsageError("--backend and --latency-table choose how merges are timed: they need --cost latency")
+    validate_options("surgery", locals())  # latency options without --cost latency: refused by surgery_file
     from egp_deploy.api import surgery_file
     from egp_deploy.cli.export import say
     from egp_deploy.surgery.report import print_report
