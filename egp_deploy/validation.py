@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from egp_deploy.errors import UsageError, first_words
+from egp_deploy.io_utils import is_special_file
 
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds agree on this range (numpy refuses negatives)
 
@@ -205,6 +206,10 @@ def check_outputs(inputs: Iterable[str | os.PathLike | None], outputs: Mapping[s
                 continue
         elif out.is_dir():
             raise UsageError(f"{what} {out} is a folder; give a file path")
+        if is_special_file(out):  # a device or FIFO is written into, not replaced: it must take writes
+            if not os.access(out, os.W_OK):
+                raise UsageError(f"cannot write {what} {out}: it is not writable")
+            continue
         check_writable_parent(out, what)
     items = list(outs.items())
     for i, (what_a, a) in enumerate(items):

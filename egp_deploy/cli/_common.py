@@ -26,7 +26,7 @@ import typer.core
 from rich.console import Console
 from rich.markup import escape
 
-from egp_deploy.errors import EXIT_CODES_HELP, EgpError
+from egp_deploy.errors import EXIT_CODES_HELP, EgpError, first_words, output_error
 
 try:  # typer >= 0.2x vendors click; older typer raises the click package's exceptions
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
@@ -252,10 +252,14 @@ def invoke(app: typer.Typer, prog_name: str, argv: Sequence[str] | None = None,
             console.print("[bold red]interrupted[/]")
             return 130
         except Exception as e:  # a bug, not a user error: keep it one line unless debugging
+            full = output_error(e, output=False) if isinstance(e, OSError) else None
+            if full is not None:  # a full disk or a read-only file system met outside the writers
+                console.print(f"[bold red]error:[/] {escape(str(full))}", soft_wrap=True)
+                return error_exit(full) if error_exit else full.exit_code
             if os.environ.get("EGP_DEBUG"):
                 raise
             log.debug("internal error", exc_info=True)
-            first = (str(e).strip().splitlines() or [""])[0]
+            first = first_words(e, 400)
             console.print(
                 f"[bold red]internal error:[/] {type(e).__name__}: {escape(first)} (rerun with EGP_DEBUG=1 for the traceback)",
                 soft_wrap=True,
