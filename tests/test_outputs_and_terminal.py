@@ -230,3 +230,21 @@ def test_a_warning_is_one_line_whatever_the_width(tmp_path, capsys):
     long = "warning: " + " ".join(f"word{i}" for i in range(60))  # ~400 characters
     console.print(long)
     assert capsys.readouterr().err.strip() == long
+
+
+def test_a_checkpoint_written_on_a_full_disk_is_an_output_error(tmp_path, monkeypatch):
+    import builtins
+
+    import torch
+
+    import egp_deploy.checkpoint as checkpoint
+    from egp_deploy.checkpoint import Checkpoint, save_checkpoint
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    real_open = builtins.open
+    monkeypatch.setattr(checkpoint, "open", lambda path, mode="r": real_open("/dev/full", mode), raising=False)
+    ckpt = Checkpoint("resnet18", {}, {"w": torch.zeros(50_000)}, (1, 8, 8), 10, {})
+    with pytest.raises(OutputError, match="No space left on device"):
+        save_checkpoint(tmp_path / "best.pt", ckpt)
+    assert _files(tmp_path) == []
