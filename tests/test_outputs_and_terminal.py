@@ -161,7 +161,7 @@ def test_egp_surgery_on_a_full_disk_exits_9_with_one_line_and_writes_nothing(tmp
 
 
 def test_a_write_error_met_outside_the_writers_is_exit_9_too(tmp_path, monkeypatch, capsys):
-    import egp_deploy.api as api
+    from egp_deploy import api
 
     def quota(*_a, **_k):
         raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "/somewhere/cache")
@@ -174,7 +174,7 @@ def test_a_write_error_met_outside_the_writers_is_exit_9_too(tmp_path, monkeypat
 
 # ---------------------------------------------------------------- Ctrl-C
 def test_ctrl_c_in_a_command_prints_interrupted_and_exits_130(tmp_path, monkeypatch, capsys):
-    import egp_deploy.api as api
+    from egp_deploy import api
 
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt
@@ -237,7 +237,7 @@ def test_a_checkpoint_written_on_a_full_disk_is_an_output_error(tmp_path, monkey
 
     import torch
 
-    import egp_deploy.checkpoint as checkpoint
+    from egp_deploy import checkpoint
     from egp_deploy.checkpoint import Checkpoint, save_checkpoint
 
     if not os.path.exists("/dev/full"):

@@ -208,7 +208,7 @@ def test_a_cache_that_cannot_be_written_is_a_warning_decided_before_work(tmp_pat
 def test_a_failed_table_write_is_a_warning_never_a_lost_result(tmp_path, monkeypatch, block_model):
     import errno
 
-    import egp_deploy.io_utils as io_utils
+    from egp_deploy import io_utils
 
     def disk_full(path, obj):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -250,7 +250,7 @@ def test_pathological_json_is_one_line_exit_3(tmp_path, monkeypatch, capsys, mod
 
 
 def test_a_table_beyond_the_size_bound_is_refused(tmp_path, monkeypatch, capsys, model_file):
-    import egp_deploy.surgery.latency as latency
+    from egp_deploy.surgery import latency
 
     monkeypatch.setattr(latency, "MAX_TABLE_BYTES", 100)
     table, out = tmp_path / "t.json", tmp_path / "out.onnx"
@@ -262,7 +262,7 @@ def test_a_table_beyond_the_size_bound_is_refused(tmp_path, monkeypatch, capsys,
 
 def test_latency_options_without_cost_latency_are_refused_by_the_api_before_work(tmp_path, block_model, monkeypatch):
     import egp_deploy
-    import egp_deploy.surgery.pipeline as pipeline
+    from egp_deploy.surgery import pipeline
 
     def no_work(*_a, **_k):
         raise AssertionError("measured before the options were checked")
@@ -275,7 +275,7 @@ def test_latency_options_without_cost_latency_are_refused_by_the_api_before_work
 
 def test_export_set_latency_table_is_checked_like_the_other_outputs(tmp_path, monkeypatch):
     import egp_deploy
-    import egp_deploy.export as export
+    from egp_deploy import export
 
     def no_work(*_a, **_k):
         raise AssertionError("loaded the model before the latency table was checked")
@@ -295,7 +295,7 @@ def test_export_set_latency_table_is_checked_like_the_other_outputs(tmp_path, mo
 
 
 def test_a_foreign_table_missing_timings_is_refused_before_the_rewrite(tmp_path, block_model, monkeypatch):
-    import egp_deploy.surgery.pipeline as pipeline
+    from egp_deploy.surgery import pipeline
 
     table = tmp_path / "edge.json"
     x = randn(8, 8, 8, 8)

@@ -103,7 +103,7 @@ class LatencyTable:
 
     @classmethod
     def open(cls, path: Path | None, backend: str, device: str, versions: dict[str, str],
-             cache: bool = False) -> "LatencyTable":
+             cache: bool = False) -> LatencyTable:
         """The table at ``path`` (a new one if the file does not exist). A corrupt file is InputFileError,
         one measured with another backend UsageError; one from another device or library versions is
         read-only (``foreign``). The per-device ``cache`` is never an error: a cache that cannot be
@@ -129,7 +129,7 @@ class LatencyTable:
         return table
 
     @classmethod
-    def _read(cls, path: Path, backend: str, device: str, versions: dict[str, str]) -> "LatencyTable":
+    def _read(cls, path: Path, backend: str, device: str, versions: dict[str, str]) -> LatencyTable:
         from egp_deploy.io_utils import read_json_file
 
         data = read_json_file(path, "latency table", MAX_TABLE_BYTES)
