@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -207,6 +208,8 @@ def check_outputs(inputs: Iterable[str | os.PathLike | None], outputs: Mapping[s
         elif out.is_dir():
             raise UsageError(f"{what} {out} is a folder; give a file path")
         if is_special_file(out):  # a device or FIFO is written into, not replaced: it must take writes
+            if stat.S_ISSOCK(os.stat(out).st_mode):
+                raise UsageError(f"{what} {out} is a socket; give a file path")
             if not os.access(out, os.W_OK):
                 raise UsageError(f"cannot write {what} {out}: it is not writable")
             continue

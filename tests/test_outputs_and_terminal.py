@@ -248,3 +248,16 @@ def test_a_checkpoint_written_on_a_full_disk_is_an_output_error(tmp_path, monkey
     with pytest.raises(OutputError, match="No space left on device"):
         save_checkpoint(tmp_path / "best.pt", ckpt)
     assert _files(tmp_path) == []
+
+
+def test_a_socket_output_is_refused_before_any_work(tmp_path):
+    import socket
+
+    from egp_deploy.errors import UsageError
+    from egp_deploy.validation import check_outputs
+
+    sock_path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(sock_path))
+        with pytest.raises(UsageError, match="is a socket"):
+            check_outputs([], {"--json": sock_path})
