@@ -359,9 +359,10 @@ class LatencyCost:
             if self.lacking is None:
                 raise self.lacks_timings(len(missing), len(specs))
             self.lacking.update(missing)
-            self._price(jobs, {k: {"ms": 0.0 if k == signature([]) else math.inf} for k in missing})
+            self._price(jobs, set(missing))
             return
-        self.reused += len(specs) - len(missing)
+        if self.lacking is None:  # a dry plan reuses nothing for the report
+            self.reused += len(specs) - len(missing)
         if missing:
             t0 = time.perf_counter()
             times = self._time_graphs({k: build_graph(specs[k]) for k in missing}, self.rounds)
@@ -379,17 +380,20 @@ class LatencyCost:
             f"({_versions(self.table.versions)}), this machine is {self.here}: it lacks {lacking}{of} timings "
             "this model's merge plan needs, and those can only be measured there")
 
-    def _price(self, jobs, stand_in: dict[str, dict[str, float]]) -> None:
-        """Set each candidate's cost from the table (``stand_in`` for the timings it lacks while
-        planning: an unknown merge is never chosen; inf - inf is kept inf)."""
-        entries = {**self.table.entries, **stand_in}
-        overhead = entries[signature([])]["ms"]
+    def _price(self, jobs, lacking: set[str] = frozenset()) -> None:
+        """Set each candidate's cost from the table; while planning dry, a timing the table
+        ``lacking`` counts 0 for layers apart and infinity for a merge (an unknown merge is never
+        chosen, so the dry plan follows the real one up to the first timing it lacks)."""
+        entries = self.table.entries
+        overhead = 0.0 if signature([]) in lacking else entries[signature([])]["ms"]
+
+        def ms(key: str, unknown: float) -> float:
+            return unknown if key in lacking else max(entries[key]["ms"] - overhead, 0.0)
+
         for c, keys in jobs:
-            t_alone = max(entries[keys[0]]["ms"] - overhead, 0.0)
-            if keys[0] in stand_in:
-                t_alone = 0.0
+            t_alone = ms(keys[0], 0.0)
             if c.merges:
-                t_merged = max(entries[keys[1]]["ms"] - overhead, 0.0)
+                t_merged = ms(keys[1], math.inf)
                 c.cost = t_merged * (1.0 + self.margin) if c.b > c.a else t_merged
                 c.info = {"ms_merged": round(t_merged, 5), "ms_span": round(t_alone, 5)}
             else:
