@@ -12,7 +12,12 @@ light: torch, onnx and onnxruntime load only when one of them is first used.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# onnxruntime's telemetry (1.31+) prints a warning at import when it cannot store a device id (HOME not
+# writable); a default set before onnxruntime is first imported, which a user's setting overrides
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 __version__ = "0.2.0"
 

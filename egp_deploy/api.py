@@ -404,16 +404,15 @@ def surgery_file(
     check.validate_options("surgery", locals())
     opts = surgery_options(options)
     inputs = [input] + [Path(p) for p in (calibration, held_out) if p and Path(p).is_file()]
-    outputs = {"OUTPUT": output, "--report": report, "--plot": plot, "--latency-table": opts.latency_table}
+    outputs = {"OUTPUT": output, "--report": report, "--plot": plot}
     check.check_outputs(inputs, outputs)
     proto = _load_onnx(input)  # the model first: its checks are cheap, the data's are not
     _check_surgery_model(proto, samples + held_out_samples)
     check.check_sample_file("--calibration", calibration)
     check.check_sample_file("--held-out", held_out)
-    if opts.cost == "latency":  # a missing backend or a bad latency table fails now, before any work
-        from egp_deploy.surgery.latency import make_cost_model
+    from egp_deploy.surgery.latency import make_cost_model
 
-        make_cost_model(opts)
+    make_cost_model(opts, inputs, outputs)  # cost options, latency table and backend checked before any work
     chosen = load_calibration(calibration, onnx_sample_shape(proto)[0], samples, held_out_samples, held_out)
     _announce(chosen, log)
     result = _surgery(proto, chosen.calibration, chosen.held_out, opts)
@@ -586,6 +585,10 @@ def deploy(
         given = dict(options) if isinstance(options, Mapping) else {}
         opts = surgery_options(options, **{k: v for k, v in (("threads", threads), ("progress", progress))
                                            if k not in given and not hasattr(options, "threads")})
+        from egp_deploy.surgery.latency import make_cost_model
+
+        make_cost_model(opts, [model_path, calibration_file], {"exported graph": paths.exported, "surgered graph":
+                                                              paths.surgered, "report": paths.report, "plot": paths.plot})
     elif options:
         raise UsageError("--set configures the surgery; it has no effect with --no-surgery")
     torch.set_num_threads(threads)

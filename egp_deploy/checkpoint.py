@@ -80,8 +80,8 @@ def describe_mismatch(expected: dict[str, Any], given: dict[str, Any], shown: in
 
 def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
     """Write atomically (temp file + rename)."""
-    with atomic_path(path) as tmp:
-        torch.save(ckpt.to_dict(), tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: a full disk is an OSError
+        torch.save(ckpt.to_dict(), f)  # (torch's own writer reports it as "unexpected pos"), exit 9
     return Path(path)
 
 

@@ -1,7 +1,8 @@
 """Atomic writers: every output goes to a temp file in the same folder and is renamed into place,
 so a crash or an exception never leaves a half-written model, engine or report.
 
-Temp files are named ``.NAME.HOST-PID.XXXX.tmp``: a process killed mid-write (kill -9) leaves one
+A device or FIFO given as an output (``--json /dev/null``) is written into in place, never renamed
+over. Temp files are named ``.NAME.HOST-PID.XXXX.tmp``: a process killed mid-write (kill -9) leaves one
 behind, and the next write into that place removes the ones whose process is gone
 (:func:`remove_stale_temps`). :func:`atomic_files` commits several outputs together (all renamed at
 the end, none on failure); :func:`folder_lock` keeps a second run out of a run folder.
@@ -15,7 +16,9 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -62,26 +65,65 @@ def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> li
     return removed
 
 
-def _temp_beside(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp", dir=path.parent)
+def is_special_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (links followed) is a device, FIFO or socket: something to write into, never
+    to replace (renaming a file over ``/dev/null`` would turn it into a regular file)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _temp_for(path: Path) -> Path:
+    """A temp file beside ``path``, to be renamed onto it; for a special file (written in place, never
+    renamed onto) one in the system's temp folder: no stray file in /dev."""
+    special = is_special_file(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}.", suffix=".tmp",
+                               dir=None if special else path.parent)
     os.close(fd)
     return Path(tmp)
+
+
+def _prepare(path: Path) -> None:
+    if not is_special_file(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path.parent, path.name)
+
+
+def _put_in_place(tmp: Path, path: Path) -> None:
+    """Commit a finished temp file: renamed onto ``path``, or for a device or FIFO its bytes written
+    into it (a FIFO's reader gets the whole file; the special file stays what it is)."""
+    if is_special_file(path):
+        with open(tmp, "rb") as src, open(path, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        tmp.unlink()
+        return
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should look like any file
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path.parent, path.name)
-    tmp_path = _temp_beside(path)
+    tmp_path = None
     try:
+        _prepare(path)
+        tmp_path = _temp_for(path)
         yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs should look like any file
-        os.replace(tmp_path, path)
+        _put_in_place(tmp_path, path)
+    except OSError as e:  # a full disk, a read-only file system: the environment's fault, one line (exit 9)
+        raise _output_error(e, path) from None
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
+
+
+def _output_error(e: OSError, path: Path | None, output: bool = True) -> Exception:
+    from egp_deploy.errors import output_error
+
+    return output_error(e, path, output) or e
 
 
 class AtomicFiles:
@@ -93,25 +135,39 @@ class AtomicFiles:
     def path(self, target: str | os.PathLike) -> Path:
         target = Path(target)
         if target not in self._staged:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale_temps(target.parent, target.name)
-            self._staged[target] = _temp_beside(target)
+            try:
+                _prepare(target)
+                self._staged[target] = _temp_for(target)
+            except OSError as e:
+                raise _output_error(e, target) from None
         return self._staged[target]
 
     def write_bytes(self, target: str | os.PathLike, data: bytes) -> Path:
-        self.path(target).write_bytes(data)
+        tmp = self.path(target)
+        try:
+            tmp.write_bytes(data)
+        except OSError as e:
+            raise _output_error(e, Path(target)) from None
         return Path(target)
+
+    def output_error(self, e: OSError) -> Exception:
+        """``e``, raised while writing one of the staged outputs, as the OutputError naming that
+        output (not its temp file); ``e`` itself when it is not about the output's place."""
+        named = {os.fspath(tmp): target for target, tmp in self._staged.items()}
+        target = named.get(os.fspath(e.filename)) if isinstance(e.filename, (str, os.PathLike)) else None
+        return _output_error(e, target, output=target is not None)
 
     def write_json(self, target: str | os.PathLike, obj: Any) -> Path:
         return self.write_bytes(target, _json_bytes(obj))
 
     def commit(self) -> None:
-        """Rename every staged output into place (a rename is all that can still fail here, and it
-        does not fill a disk)."""
-        for tmp in self._staged.values():
-            os.chmod(tmp, 0o666 & ~_UMASK)
-        for target, tmp in list(self._staged.items()):
-            os.replace(tmp, target)
+        """Put every staged output in place: devices and FIFOs written into first (a write can still
+        fail there, and then no file has been renamed yet), then the renames, which cannot fill a disk."""
+        for target, tmp in sorted(self._staged.items(), key=lambda item: not is_special_file(item[0])):
+            try:
+                _put_in_place(tmp, target)
+            except OSError as e:
+                raise _output_error(e, target) from None
             del self._staged[target]
 
     def discard(self) -> None:
@@ -129,6 +185,8 @@ def atomic_files() -> Iterator[AtomicFiles]:
     try:
         yield group
         group.commit()
+    except OSError as e:  # written by the block itself (a plot saved into group.path(...))
+        raise group.output_error(e) from None
     finally:
         group.discard()
 
@@ -140,6 +198,8 @@ def staged_files() -> Iterator[AtomicFiles]:
     group = AtomicFiles()
     try:
         yield group
+    except OSError as e:
+        raise group.output_error(e) from None
     finally:
         group.discard()
 
@@ -231,6 +291,46 @@ def _json_bytes(obj: Any) -> bytes:
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_bytes_atomic(path, _json_bytes(obj))
+
+
+def read_small_file(path: str | os.PathLike, what: str, max_bytes: int) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``max_bytes``: InputFileError (exit 3) naming
+    ``what`` for anything else. Opened without blocking and checked on the open descriptor, so a FIFO
+    never hangs the reader and a device (``/dev/zero``) or a file grown meanwhile never fills memory."""
+    from egp_deploy.errors import InputFileError
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise InputFileError(f"cannot read {what} {path}: {e.strerror or type(e).__name__}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InputFileError(f"{what} {path} is not a regular file (a device, FIFO or socket)")
+        if info.st_size > max_bytes:
+            raise InputFileError(f"{what} {path} is {info.st_size:,} bytes, more than the {max_bytes:,} "
+                                 "this reader accepts")
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            raise InputFileError(f"cannot read {what} {path}: {e.strerror or type(e).__name__}") from None
+    if len(data) > max_bytes:
+        raise InputFileError(f"{what} {path} grew beyond {max_bytes:,} bytes while being read")
+    return data
+
+
+def read_json_file(path: str | os.PathLike, what: str, max_bytes: int) -> Any:
+    """JSON from a bounded regular file (:func:`read_small_file`); text that is not JSON, nested too
+    deeply or holding numbers too long to convert is one InputFileError line, never a traceback."""
+    from egp_deploy.errors import InputFileError, first_words
+
+    data = read_small_file(path, what, max_bytes)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except RecursionError:
+        raise InputFileError(f"{what} {path} is nested too deeply to be a JSON document this tool reads") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, and int() refusing a 5,000-digit number
+        raise InputFileError(f"{what} {path} is not readable JSON ({type(e).__name__}: {first_words(e, 120)})") from None
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -19,11 +19,13 @@ import math
 import numbers
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 from egp_deploy.errors import UsageError, first_words
+from egp_deploy.io_utils import is_special_file
 
 SEED_MAX = 2**32 - 1  # numpy's and torch's seeds agree on this range (numpy refuses negatives)
 
@@ -262,6 +264,12 @@ def check_outputs(inputs: Iterable[str | os.PathLike | None], outputs: Mapping[s
                 continue
         elif out.is_dir():
             raise UsageError(f"{what} {out} is a folder; give a file path")
+        if is_special_file(out):  # a device or FIFO is written into, not replaced: it must take writes
+            if stat.S_ISSOCK(os.stat(out).st_mode):
+                raise UsageError(f"{what} {out} is a socket; give a file path")
+            if not os.access(out, os.W_OK):
+                raise UsageError(f"cannot write {what} {out}: it is not writable")
+            continue
         check_writable_parent(out, what)
     items = list(outs.items())
     for i, (what_a, a) in enumerate(items):

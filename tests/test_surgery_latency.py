@@ -164,7 +164,8 @@ def test_backend_that_is_not_installed_is_refused(tmp_path, monkeypatch, capsys,
 
 
 @pytest.mark.parametrize("args,needle", [
-    (("--latency-table", "t.json"), "need --cost latency"),
+    (("--latency-table", "t.json"), "only applies to merges timed with cost latency"),
+    (("--latency-margin", "0.2"), "latency_margin (--latency-margin) only applies"),
     (("--cost", "flops"), "is not one of 'macs', 'latency'"),
     (("--cost", "latency", "--backend", "trt"), "is not one of 'ort-cpu', 'ort-cuda', 'ort-trt'"),
 ])
@@ -188,3 +189,130 @@ def test_egp_export_reaches_the_cost_options_through_surgery_option():
     opts = surgery_options(parse_surgery_settings(["cost=latency", "latency_backend=ort-cpu", "latency_table=none",
                                                    "latency_margin=0.1", "latency_rounds=5"]))
     assert (opts.cost, opts.latency_table, opts.latency_margin, opts.latency_rounds) == ("latency", None, 0.1, 5)
+
+
+# ---------------------------------------------------------------- the cache, table bounds, checked up front
+def test_a_cache_that_cannot_be_written_is_a_warning_decided_before_work(tmp_path, monkeypatch, capsys, model_file):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    out = tmp_path / "out.onnx"
+    code, text = _run(monkeypatch, capsys, model_file, out, "-q", "-n", 8, "--cost", "latency")
+    assert code == 0 and out.is_file(), text
+    warning = [ln for ln in text.splitlines() if "latency" in ln]
+    assert len(warning) == 1 and warning[0].startswith("warning: cannot write latency cache"), text
+    assert warning[0].endswith("is a file, not a folder: this run's latency timings will not be kept for the next one")
+    assert blocker.read_text() == "a file where the cache folder would go"
+
+
+def test_a_failed_table_write_is_a_warning_never_a_lost_result(tmp_path, monkeypatch, block_model):
+    import errno
+
+    from egp_deploy import io_utils
+
+    def disk_full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(io_utils, "write_json_atomic", disk_full)
+    for table in (None, str(tmp_path / "t.json")):  # the per-device cache and a table the user named
+        res = optimize(block_model, randn(8, 8, 8, 8), None, SurgeryOptions(**FAST, latency_table=table))
+        assert not res.report["merge_planner"]["table_written"]
+        assert any("No space left on device" in w and "not kept" in w for w in res.report["warnings"])
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_a_table_that_is_a_fifo_or_a_device_is_refused_without_reading_it(tmp_path, monkeypatch, capsys, model_file):
+    import os
+
+    fifo = tmp_path / "t.fifo"
+    os.mkfifo(fifo)
+    out = tmp_path / "out.onnx"
+    for table in (fifo, "/dev/zero"):  # a reader would hang on one and fill memory from the other
+        monkeypatch.setattr("egp_deploy.validation.check_outputs", lambda *a, **k: None)  # reach the reader
+        code, text = _run(monkeypatch, capsys, model_file, out, "-q", "-n", 4, "--cost", "latency",
+                          "--latency-table", table)
+        _refused(code, text, InputFileError.exit_code, out, "not a regular file")
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"format": "egp-deploy latency table", "version": 1, "backend": "ort-cpu", "device": "x", "versions": {},'
+     ' "entries": {"k": {"ms": 1' + "0" * 400 + '}}}', "no finite non-negative"),
+    ('{"version": 1' + "0" * 5000 + "}", "not readable JSON"),
+])
+def test_pathological_json_is_one_line_exit_3(tmp_path, monkeypatch, capsys, model_file, content, needle):
+    table, out = tmp_path / "t.json", tmp_path / "out.onnx"
+    table.write_text(content)
+    code, text = _run(monkeypatch, capsys, model_file, out, "-q", "-n", 4, "--cost", "latency",
+                      "--latency-table", table)
+    _refused(code, text, InputFileError.exit_code, out, needle)
+    assert table.read_text() == content
+
+
+def test_a_table_beyond_the_size_bound_is_refused(tmp_path, monkeypatch, capsys, model_file):
+    from egp_deploy.surgery import latency
+
+    monkeypatch.setattr(latency, "MAX_TABLE_BYTES", 100)
+    table, out = tmp_path / "t.json", tmp_path / "out.onnx"
+    table.write_text(json.dumps({"format": "egp-deploy latency table", "pad": "x" * 200}))
+    code, text = _run(monkeypatch, capsys, model_file, out, "-q", "-n", 4, "--cost", "latency",
+                      "--latency-table", table)
+    _refused(code, text, InputFileError.exit_code, out, "more than the 100")
+
+
+def test_latency_options_without_cost_latency_are_refused_by_the_api_before_work(tmp_path, block_model, monkeypatch):
+    import egp_deploy
+    from egp_deploy.surgery import pipeline
+
+    def no_work(*_a, **_k):
+        raise AssertionError("measured before the options were checked")
+
+    monkeypatch.setattr(pipeline, "measure_activation_stats", no_work)
+    for given in ({"latency_margin": 0.2}, {"latency_table": str(tmp_path / "t.json")}, {"latency_rounds": 4}):
+        with pytest.raises(UsageError, match="only applies to merges timed with cost latency"):
+            egp_deploy.optimize(block_model, randn(4, 8, 8, 8), None, **given)
+
+
+def test_export_set_latency_table_is_checked_like_the_other_outputs(tmp_path, monkeypatch):
+    import egp_deploy
+    from egp_deploy import export
+
+    def no_work(*_a, **_k):
+        raise AssertionError("loaded the model before the latency table was checked")
+
+    monkeypatch.setattr(export, "load_source", no_work)
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(b"PK\x03\x04 not really")  # never read: the refusal comes first
+    monkeypatch.setattr(export, "detect_kind", lambda p: "checkpoint")
+    out = tmp_path / "m.egp.onnx"
+    for table, needle in ((tmp_path / "m.onnx", "same path"), (ckpt, "is the input"), (out, "same path"),
+                          (tmp_path / "m.egp.json", "same path")):
+        with pytest.raises(UsageError, match=needle):
+            egp_deploy.deploy(ckpt, out, options={"cost": "latency", "latency_table": str(table)})
+    with pytest.raises(UsageError, match="only applies to merges timed with cost latency"):
+        egp_deploy.deploy(ckpt, out, options={"latency_table": str(tmp_path / "t.json")})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_a_foreign_table_missing_timings_is_refused_before_the_rewrite(tmp_path, block_model, monkeypatch):
+    from egp_deploy.surgery import pipeline
+
+    table = tmp_path / "edge.json"
+    x = randn(8, 8, 8, 8)
+    optimize(block_model, x, None, SurgeryOptions(**FAST, latency_table=str(table)))
+    data = json.loads(table.read_text())
+    data["device"] = "Jetson Orin (elsewhere)"
+    whole = next(k for k in data["entries"] if '"w":[8,8,3,3]' in k and '"Add"' not in k)
+    del data["entries"][whole]  # one timing the plan needs, in the middle of the chain's candidates
+    table.write_text(json.dumps(data))
+    rewrite, rewrites = pipeline._rewrite, []
+
+    def recorded(named, stats, options, module_of, cost_model=None):
+        rewrites.append("dry" if cost_model.lacking is not None else "real")
+        return rewrite(named, stats, options, module_of, cost_model)
+
+    monkeypatch.setattr(pipeline, "_rewrite", recorded)
+    with pytest.raises(UsageError, match="lacks 1 timings this model's merge plan needs"):
+        optimize(block_model, x, x, SurgeryOptions(**FAST, latency_table=str(table)))
+    # planned dry (once: this block has no activation to strip, so no revert to plan for); no real rewrite began
+    assert rewrites == ["dry"]

@@ -26,7 +26,7 @@ import typer.core
 from rich.console import Console
 from rich.markup import escape
 
-from egp_deploy.errors import EXIT_CODES_HELP, EgpError
+from egp_deploy.errors import EXIT_CODES_HELP, EgpError, first_words, output_error
 from egp_deploy.validation import flag_names
 
 try:  # typer >= 0.2x vendors click; older typer raises the click package's exceptions
@@ -34,8 +34,10 @@ try:  # typer >= 0.2x vendors click; older typer raises the click package's exce
 except ImportError:  # pragma: no cover
     from click.exceptions import ClickException, NoArgsIsHelpError  # type: ignore[no-redef]
 
-console = Console(stderr=True, highlight=False)
-stdout = Console(highlight=False)
+# soft_wrap: a line (a warning, an error, a path) stays one line; rich would otherwise cut it at the
+# terminal width, or at 80 columns when the output is not a terminal (tables still fit the width)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+stdout = Console(highlight=False, soft_wrap=True)
 log = logging.getLogger("egp_deploy")
 
 # loggers whose warnings are chatter for a command-line user (kept for --verbose)
@@ -106,12 +108,20 @@ def _with_common_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def command(*args: Any, verbose: bool = False, version: bool = False, **kwargs: Any) -> Any:
-        return func(*args, **kwargs)
+        try:
+            return func(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise _Interrupted from None  # typer would turn it into a silent exit 130
 
     del command.__wrapped__  # typer must read the signature below, not func's
     command.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])  # type: ignore[attr-defined]
     command.__annotations__ = {name: p.annotation for name, p in command.__signature__.parameters.items()}
     return command
+
+
+class _Interrupted(BaseException):
+    """Ctrl-C inside a command, carried past typer (which catches KeyboardInterrupt and exits 130
+    without a word) to :func:`invoke`, which says ``interrupted``."""
 
 
 class EgpTyper(typer.Typer):
@@ -229,14 +239,18 @@ def invoke(app: typer.Typer, prog_name: str, argv: Sequence[str] | None = None,
         except EgpError as e:
             console.print(f"[bold red]error:[/] {escape(str(e))}", soft_wrap=True)
             return error_exit(e) if error_exit else e.exit_code
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, _Interrupted):
             console.print("[bold red]interrupted[/]")
             return 130
         except Exception as e:  # a bug, not a user error: keep it one line unless debugging
+            full = output_error(e, output=False) if isinstance(e, OSError) else None
+            if full is not None:  # a full disk or a read-only file system met outside the writers
+                console.print(f"[bold red]error:[/] {escape(str(full))}", soft_wrap=True)
+                return error_exit(full) if error_exit else full.exit_code
             if os.environ.get("EGP_DEBUG"):
                 raise
             log.debug("internal error", exc_info=True)
-            first = (str(e).strip().splitlines() or [""])[0]
+            first = first_words(e, 400)
             console.print(
                 f"[bold red]internal error:[/] {type(e).__name__}: {escape(first)} (rerun with EGP_DEBUG=1 for the traceback)",
                 soft_wrap=True,

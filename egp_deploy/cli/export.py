@@ -95,7 +95,7 @@ def export(
     if result.surgery is not None:
         from egp_deploy.surgery.report import print_report
 
-        print_report(result.surgery.report)
+        print_report(result.surgery.report, stdout)
         gained = result.gained()
         stdout.print("gained: " + (", ".join(gained) if gained else "nothing to strip (graph was already minimal)"))
     else:

@@ -12,7 +12,6 @@ from typing import Optional
 import typer
 
 from egp_deploy.cli._common import choices, console, new_app, pass_selection, run_app, stdout
-from egp_deploy.errors import UsageError
 from egp_deploy.validation import SURGERY_CHOICES
 
 Cost = choices("Cost", SURGERY_CHOICES["cost"])
@@ -77,8 +76,6 @@ def surgery(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table, no progress bar."),
 ) -> None:
     """Rewrite INPUT into a shallower, narrower graph and write it to OUTPUT after verification."""
-    if cost == "macs" and (latency_table is not None or backend != "ort-cpu"):
-        raise UsageError("--backend and --latency-table choose how merges are timed: they need --cost latency")
     from egp_deploy.api import surgery_file
     from egp_deploy.cli.export import say
     from egp_deploy.surgery.report import print_report

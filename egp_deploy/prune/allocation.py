@@ -8,7 +8,9 @@
 A layer's limit is its remaining weights (the paper: it goes to 100 %) unless it has a cap
 (``LayerState.max_prune``, used to keep a minimum in layers nothing bypasses); a capped layer
 stops at its cap and its surplus is redistributed exactly like a 100 % layer's. Without caps
-this is the paper's allocation. ``temperature`` T divides the logits (softmax of S / (T I_l)); T = 1
+this is the paper's allocation. B is rounded to whole weights once, and the pool's shares are
+rounded by largest remainder, so the weights pruned add up to B exactly (never more): rounding each
+layer on its own could overshoot by up to half a weight per layer. ``temperature`` T divides the logits (softmax of S / (T I_l)); T = 1
 is the paper's; T < 1 concentrates each iteration's budget on the least relevant layers (opt-in).
 Pure functions of per-layer numbers, so a distributed run computes them from reduced stats only.
 """
@@ -62,11 +64,16 @@ def allocate(layers: list[LayerState], rate: float = 0.5, temperature: float = 1
     active = {l.name: l for l in layers if l.entropy > 0 and l.remaining > 0}
     frozen = [l.name for l in layers if l.name not in active]
     irrelevance = {n: l.entropy * l.mean_abs for n, l in active.items()}
-    # a live layer with all |w| -> 0 has I_l = 0: it is the least relevant, so it saturates first
-    saturated_order = [n for n, i in irrelevance.items() if i <= 0.0]
-    budget = rate * sum(l.remaining for l in active.values())
-    start_budget = int(round(budget))
-    remaining_budget = budget - sum(active[n].limit for n in saturated_order)
+    budget = int(round(rate * sum(l.remaining for l in active.values())))
+    prune = {l.name: 0 for l in layers}
+    saturated_order: list[str] = []
+    remaining_budget = budget
+    # a live layer with all |w| -> 0 has I_l = 0: it is the least relevant, so it takes the budget
+    # first (its softmax share tends to 1), up to its limit
+    for n in [n for n, i in irrelevance.items() if i <= 0.0]:
+        prune[n] = min(active[n].limit, remaining_budget)
+        remaining_budget -= prune[n]
+        saturated_order.append(n)
     pool = {n: i for n, i in irrelevance.items() if n not in saturated_order}
     shares: dict[str, float] = {}
     n_alloc: dict[str, float] = {}
@@ -77,16 +84,26 @@ def allocate(layers: list[LayerState], rate: float = 0.5, temperature: float = 1
         saturated = [n for n, k in n_alloc.items() if k >= active[n].limit]
         if not saturated:
             break
-        for n in saturated:
+        for n in saturated:  # their limits add up to at most remaining_budget (each limit <= its n)
             saturated_order.append(n)
+            prune[n] = active[n].limit
             remaining_budget -= active[n].limit
             del pool[n]
         shares, n_alloc = {}, {}
-    prune = {l.name: 0 for l in layers}
-    for n in saturated_order:
-        prune[n] = active[n].limit
-    for n, k in n_alloc.items():
-        prune[n] = min(active[n].limit, int(round(k)))
-    full = [n for n in saturated_order if active[n].limit == active[n].remaining]
-    capped = [n for n in saturated_order if active[n].limit < active[n].remaining]
-    return Allocation(prune, frozen, full, shares, start_budget, capped)
+    prune.update(_whole_weights(n_alloc, remaining_budget))
+    full = [n for n in saturated_order if prune[n] == active[n].remaining]
+    capped = [n for n in saturated_order if prune[n] == active[n].limit < active[n].remaining]
+    return Allocation(prune, frozen, full, shares, budget, capped)
+
+
+def _whole_weights(amounts: dict[str, float], total: int) -> dict[str, int]:
+    """Round ``amounts`` (each below its layer's limit, adding up to ``total`` up to float error) to
+    whole weights adding up to exactly ``total``: floors first, then one more weight each to the
+    largest fractional parts (ties in layer order). floor + 1 never passes a limit: an amount below
+    an integer limit has its floor below it too."""
+    floors = {n: math.floor(k) for n, k in amounts.items()}
+    extra = max(0, total - sum(floors.values()))
+    by_fraction = sorted(amounts, key=lambda n: floors[n] - amounts[n])  # stable: ties keep layer order
+    for n in by_fraction[:extra]:
+        floors[n] += 1
+    return floors

@@ -10,6 +10,7 @@ GPU providers are detected by creating a session and reading ``session.get_provi
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -44,13 +45,24 @@ _PROVIDERS = {
 
 
 def import_onnxruntime(extra: str = "cpu"):
+    """onnxruntime, its own logging set to :func:`ort_log_severity` (BackendUnavailableError when it
+    is not installed)."""
     try:
         import onnxruntime
     except ImportError:
         raise BackendUnavailableError(
             f"onnxruntime is not installed: pip install 'egp-deploy[{extra}]'"
         ) from None
+    onnxruntime.set_default_logger_severity(ort_log_severity())
     return onnxruntime
+
+
+def ort_log_severity() -> int:
+    """What onnxruntime may print itself (its C++ logger writes to stderr, past Python's logging):
+    errors (3) by default, nothing below fatal (4) when the ``onnxruntime`` logger is silenced, as
+    the commands do without --verbose. A failing kernel's "[E:onnxruntime ...]" line would otherwise
+    come before our own one-line error, with raw colour codes when stderr is not a terminal."""
+    return 3 if logging.getLogger("onnxruntime").isEnabledFor(logging.ERROR) else 4
 
 
 def default_threads() -> int:
@@ -85,7 +97,7 @@ def open_session(
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    so.log_severity_level = 3  # errors only: fallbacks become our own one-line messages
+    so.log_severity_level = ort_log_severity()  # fallbacks and kernel errors become our own one-line messages
     if isinstance(model, (bytes, str)):
         source = model
     elif isinstance(model, Path):
@@ -243,7 +255,6 @@ class OrtRunner(Runner):
                 ort.preload_dlls()
             except Exception:  # noqa: BLE001 - best effort; the provider check below decides
                 pass
-        ort.set_default_logger_severity(3)  # provider fallbacks become our own one-line message
         try:
             self.session = self._session(self._provider_list())
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types for bad files

@@ -20,16 +20,17 @@ from egp_deploy.surgery.constant_offsets import merge_constant_adds, push_consta
 from egp_deploy.surgery.fuse_linear_ops import fuse_linear_ops
 
 logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
-try:  # graphsurgeon's folding opens onnxruntime sessions; their optimizer warnings are noise here
-    import onnxruntime as _ort
-
-    _ort.set_default_logger_severity(3)
-except ImportError:  # folding then simply does less
-    pass
 
 
 def fold_constants(graph: gs.Graph) -> None:
     """graphsurgeon's folding (runs onnxruntime on the constant subgraphs); never fatal."""
+    from egp_deploy.errors import BackendUnavailableError
+    from egp_deploy.runners.ort import import_onnxruntime
+
+    try:  # its sessions log through onnxruntime's default logger: quieted there, like ours
+        import_onnxruntime()
+    except BackendUnavailableError:  # folding then simply does less
+        pass
     with contextlib.redirect_stdout(io.StringIO()):
         try:
             graph.fold_constants(error_ok=True)

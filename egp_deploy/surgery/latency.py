@@ -16,20 +16,22 @@ timing the model needs (what it lacks can only be measured on that device).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from egp_deploy.errors import BackendUnavailableError, InputFileError, UsageError
+from egp_deploy.errors import BackendUnavailableError, EgpError, InputFileError, UsageError
 from egp_deploy.surgery.chain_merge import Affine, Candidate, Chain
 
 TABLE_FORMAT = "egp-deploy latency table"
@@ -86,26 +88,51 @@ def default_table_path(backend: str, device: str, versions: dict[str, str]) -> P
 
 
 # ---------------------------------------------------------------- the table
+MAX_TABLE_BYTES = 64 << 20  # ~200k timings; a bigger "table" is not one
+
+
 class LatencyTable:
     def __init__(self, backend: str, device: str, versions: dict[str, str], path: Path | None = None,
-                 entries: dict[str, dict[str, Any]] | None = None, foreign: bool = False) -> None:
+                 entries: dict[str, dict[str, Any]] | None = None, foreign: bool = False,
+                 cache: bool = False) -> None:
         self.backend, self.device, self.versions = backend, device, versions
         self.path, self.entries, self.foreign = path, entries or {}, foreign
+        self.cache = cache  # the per-device cache, not a file the user named: never worth losing a result for
         self.added = 0
+        self.warnings: list[str] = []
 
     @classmethod
-    def open(cls, path: Path | None, backend: str, device: str, versions: dict[str, str]) -> "LatencyTable":
+    def open(cls, path: Path | None, backend: str, device: str, versions: dict[str, str],
+             cache: bool = False) -> LatencyTable:
         """The table at ``path`` (a new one if the file does not exist). A corrupt file is InputFileError,
         one measured with another backend UsageError; one from another device or library versions is
-        read-only (``foreign``)."""
-        if path is None or not Path(path).exists():
-            return cls(backend, device, versions, None if path is None else Path(path))
+        read-only (``foreign``). The per-device ``cache`` is never an error: a cache that cannot be
+        read is started afresh and one that cannot be written is used without saving, each with a
+        warning (``warnings``), decided here, before any work."""
+        if path is None:
+            return cls(backend, device, versions)
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputFileError(f"latency table {path} is not readable JSON ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+            table = cls._read(path, backend, device, versions) if os.path.lexists(path) else \
+                cls(backend, device, versions, path)
+        except EgpError as e:
+            if not cache:
+                raise
+            table = cls(backend, device, versions, path)
+            table.warnings.append(f"latency cache ignored: {e}")
+        table.cache = cache
+        if cache and not table.foreign:
+            problem = _unwritable(path)
+            if problem:
+                table.warnings.append(f"{problem}: this run's latency timings will not be kept for the next one")
+                table.path = None
+        return table
+
+    @classmethod
+    def _read(cls, path: Path, backend: str, device: str, versions: dict[str, str]) -> LatencyTable:
+        from egp_deploy.io_utils import read_json_file
+
+        data = read_json_file(path, "latency table", MAX_TABLE_BYTES)
         problem = _schema_problem(data)
         if problem:
             raise InputFileError(f"latency table {path} is corrupt: {problem}")
@@ -113,7 +140,9 @@ class LatencyTable:
             raise UsageError(f"latency table {path} was measured with backend {data['backend']}, not --backend "
                              f"{backend}: pass a table of {backend} or another --latency-table path")
         foreign = data["device"] != device or data["versions"] != versions
-        return cls(backend, data["device"], data["versions"], path, data["entries"], foreign)
+        entries = {k: {"ms": float(e["ms"]), **({"rounds": e["rounds"]} if _is_count(e.get("rounds")) else {})}
+                   for k, e in data["entries"].items()}
+        return cls(backend, data["device"], data["versions"], path, entries, foreign)
 
     def describe(self) -> dict[str, Any]:
         return {"path": None if self.path is None else os.fspath(self.path), "backend": self.backend,
@@ -121,30 +150,64 @@ class LatencyTable:
                 "added": self.added, "foreign": self.foreign}
 
     def save(self) -> bool:
-        """Write the table (atomically) when it gained entries; True if written."""
+        """Write the table (atomically) when it gained entries; True if written. A write that fails
+        (a full disk, a folder made read-only meanwhile) is a warning: the timings are a by-product,
+        the surgery's result does not depend on them being kept."""
         if self.path is None or not self.added or self.foreign:
             return False
         from egp_deploy.io_utils import write_json_atomic
 
-        write_json_atomic(self.path, {"format": TABLE_FORMAT, "version": TABLE_VERSION, "backend": self.backend,
-                                      "device": self.device, "versions": self.versions,
-                                      "entries": dict(sorted(self.entries.items()))})
+        try:
+            write_json_atomic(self.path, {"format": TABLE_FORMAT, "version": TABLE_VERSION, "backend": self.backend,
+                                          "device": self.device, "versions": self.versions,
+                                          "entries": dict(sorted(self.entries.items()))})
+        except (OSError, EgpError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            self.warnings.append(f"latency {'cache' if self.cache else 'table'} {self.path} not written "
+                                 f"({reason}): this run's {self.added} new timings are not kept")
+            return False
         return True
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why ``path`` cannot be (re)written as a regular file, or None."""
+    from egp_deploy.validation import check_outputs
+
+    if os.path.lexists(path) and not path.is_file():
+        return f"latency cache {path} is not a regular file"
+    try:
+        check_outputs([], {"latency cache": path})
+    except UsageError as e:
+        return str(e)
+    return None
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 10**9
 
 
 def _schema_problem(data: Any) -> str | None:
     if not isinstance(data, dict) or data.get("format") != TABLE_FORMAT:
         return f"not an {TABLE_FORMAT} (no \"format\": \"{TABLE_FORMAT}\")"
     if data.get("version") != TABLE_VERSION:
-        return f"version {data.get('version')!r}, this egp-deploy reads version {TABLE_VERSION}"
+        return f"version {repr(data.get('version'))[:40]}, this egp-deploy reads version {TABLE_VERSION}"
     for key, kind in (("backend", str), ("device", str), ("versions", dict), ("entries", dict)):
         if not isinstance(data.get(key), kind):
             return f"field {key!r} missing or not a {kind.__name__}"
+    if not all(isinstance(v, str) for v in data["versions"].values()):
+        return "field 'versions' holds a value that is not a string"
     for key, entry in data["entries"].items():
         ms = entry.get("ms") if isinstance(entry, dict) else None
-        if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not np.isfinite(ms) or ms < 0:
+        if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not _finite(ms) or ms < 0:
             return f"entry {key[:60]!r} has no finite non-negative \"ms\""
     return None
+
+
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int of 400 digits: finite, but no time
+        return False
 
 
 # ---------------------------------------------------------------- tiny graphs
@@ -246,11 +309,26 @@ class LatencyCost:
         self._check_backend_runs()
         path = Path(table) if table is not None else (default_table_path(backend, device, versions)
                                                       if default_table else None)
-        self.table = LatencyTable.open(path, backend, device, versions)
+        self.table = LatencyTable.open(path, backend, device, versions, cache=table is None)
         self.here = device
         self.measure_s = 0.0
         self.measured = 0
         self.reused = 0
+        self.lacking: set[str] | None = None  # while planning (planning()): timings a foreign table lacks
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.table.warnings
+
+    @contextlib.contextmanager
+    def planning(self):
+        """A dry run of the planner: timings a foreign table lacks are collected in the yielded set
+        (their merges priced as not worth it) instead of refused one chain at a time mid-surgery."""
+        self.lacking = set()
+        try:
+            yield self.lacking
+        finally:
+            self.lacking = None
 
     def _check_backend_runs(self) -> None:
         """BackendUnavailableError now, before any work, when the backend cannot start here."""
@@ -277,12 +355,14 @@ class LatencyCost:
                     specs[signature(merged)] = merged
                 jobs.append((c, keys))
         missing = [k for k in specs if k not in self.table.entries]
-        self.reused += len(specs) - len(missing)
         if missing and self.table.foreign:
-            raise UsageError(
-                f"latency table {self.table.path} was measured on {self.table.device} "
-                f"({_versions(self.table.versions)}), this machine is {self.here}: it lacks {len(missing)} of the "
-                f"{len(specs)} timings this model needs, and those can only be measured there")
+            if self.lacking is None:
+                raise self.lacks_timings(len(missing), len(specs))
+            self.lacking.update(missing)
+            self._price(jobs, set(missing))
+            return
+        if self.lacking is None:  # a dry plan reuses nothing for the report
+            self.reused += len(specs) - len(missing)
         if missing:
             t0 = time.perf_counter()
             times = self._time_graphs({k: build_graph(specs[k]) for k in missing}, self.rounds)
@@ -291,11 +371,29 @@ class LatencyCost:
             self.table.added += len(missing)
             for k, ms in times.items():
                 self.table.entries[k] = {"ms": ms, "rounds": self.rounds}
-        overhead = self.table.entries[signature([])]["ms"]
+        self._price(jobs, {})
+
+    def lacks_timings(self, lacking: int, needed: int | None = None) -> UsageError:
+        of = f" of the {needed}" if needed is not None else ""
+        return UsageError(
+            f"latency table {self.table.path} was measured on {self.table.device} "
+            f"({_versions(self.table.versions)}), this machine is {self.here}: it lacks {lacking}{of} timings "
+            "this model's merge plan needs, and those can only be measured there")
+
+    def _price(self, jobs, lacking: set[str] = frozenset()) -> None:
+        """Set each candidate's cost from the table; while planning dry, a timing the table
+        ``lacking`` counts 0 for layers apart and infinity for a merge (an unknown merge is never
+        chosen, so the dry plan follows the real one up to the first timing it lacks)."""
+        entries = self.table.entries
+        overhead = 0.0 if signature([]) in lacking else entries[signature([])]["ms"]
+
+        def ms(key: str, unknown: float) -> float:
+            return unknown if key in lacking else max(entries[key]["ms"] - overhead, 0.0)
+
         for c, keys in jobs:
-            t_alone = max(self.table.entries[keys[0]]["ms"] - overhead, 0.0)
+            t_alone = ms(keys[0], 0.0)
             if c.merges:
-                t_merged = max(self.table.entries[keys[1]]["ms"] - overhead, 0.0)
+                t_merged = ms(keys[1], math.inf)
                 c.cost = t_merged * (1.0 + self.margin) if c.b > c.a else t_merged
                 c.info = {"ms_merged": round(t_merged, 5), "ms_span": round(t_alone, 5)}
             else:
@@ -336,14 +434,34 @@ def _versions(v: dict[str, str]) -> str:
     return ", ".join(f"{k} {x}" for k, x in sorted(v.items())) or "no versions"
 
 
-def make_cost_model(options) -> Any:
-    """The planner's cost model for SurgeryOptions (UsageError/BackendUnavailableError/InputFileError
-    here, before any work)."""
-    from egp_deploy.surgery.chain_merge import MacCost
+# SurgeryOptions fields that only the latency cost model reads, with egp-surgery's flag for each
+LATENCY_OPTIONS = {"latency_backend": "--backend", "latency_table": "--latency-table",
+                   "latency_margin": "--latency-margin", "latency_threads": None, "latency_rounds": None}
 
-    if options.cost == "macs":
-        return MacCost(options.max_mac_growth)
-    if options.cost != "latency":
+
+def make_cost_model(options, inputs: Iterable[str | os.PathLike | None] = (),
+                    outputs: Mapping[str, str | os.PathLike | None] | None = None) -> Any:
+    """The planner's cost model for SurgeryOptions, every cost option checked here, before any work:
+    latency options need ``cost="latency"`` (UsageError, never silently ignored); a latency table
+    named by the user is neither one of the job's ``inputs`` nor one of its ``outputs`` (``{what:
+    path}``) and can be written (UsageError); a table that cannot be read is InputFileError; a
+    backend that cannot run here BackendUnavailableError. The per-device cache is never an error
+    (:meth:`LatencyTable.open`)."""
+    from egp_deploy.surgery import SurgeryOptions
+    from egp_deploy.surgery.chain_merge import MacCost
+    from egp_deploy.validation import check_outputs
+
+    if options.cost not in ("macs", "latency"):
         raise UsageError(f"cost must be 'macs' or 'latency', got {options.cost!r}")
+    if options.cost == "macs":
+        defaults = SurgeryOptions()
+        given = [f"{name} ({flag})" if flag else name for name, flag in LATENCY_OPTIONS.items()
+                 if getattr(options, name) != getattr(defaults, name)]
+        if given:
+            raise UsageError(f"{', '.join(given)} only applies to merges timed with cost latency "
+                             "(egp-surgery --cost latency, egp-export --set cost=latency); it would be ignored")
+        return MacCost(options.max_mac_growth)
+    if options.latency_table is not None:  # read and extended: an output that is none of the job's files
+        check_outputs(inputs, {**(outputs or {}), "latency table": options.latency_table})
     return LatencyCost(options.latency_backend, options.latency_table, options.latency_margin,
                        options.latency_threads, options.latency_rounds)

@@ -205,6 +205,8 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
                         "(and check the held-out error below)")
 
     planner: dict[str, Any] = {}
+    use_strips = options.strip_activations and bool(stats)
+    _check_table_covers_plan(cost_model, named, stats, options, module_of, use_strips, held_out is not None)
 
     def attempt(use_stats: bool):
         t1 = time.perf_counter()
@@ -225,7 +227,6 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
         timings["verify_s"] = timings.get("verify_s", 0.0) + time.perf_counter() - t1
         return out, changes, cal, held
 
-    use_strips = options.strip_activations and bool(stats)
     out, changes, cal, held = attempt(use_strips)
     note = None
     # (linearised smooth activations are judged by the inexact tolerance instead, on both data sets)
@@ -294,6 +295,7 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
                    if r.get("pass") == "relu_offsets_split"]
     if cost_model is not None:
         planner.update(cost_model.describe(), table_written=bool(getattr(cost_model, "save", lambda: False)()))
+        warnings.extend(getattr(cost_model, "warnings", []))  # an unwritable latency cache: never a lost result
         if "measure_s" in planner:
             timings["latency_measure_s"] = planner["measure_s"]
     timings["total_s"] = time.perf_counter() - t0
@@ -333,6 +335,21 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
         "warnings": warnings,
     }
     return SurgeryResult(model=out, report=report, stats=stats)
+
+
+def _check_table_covers_plan(cost_model, named, stats, options, module_of, use_strips: bool,
+                             revertible: bool) -> None:
+    """A foreign latency table (measured on another device) must hold every timing the merge plan
+    needs, and what it lacks cannot be measured here: plan dry (both rewrites verification may ask
+    for: with the data-dependent strips and, when held-out data can revert them, without) and refuse
+    before the surgery, not halfway through it."""
+    if not getattr(getattr(cost_model, "table", None), "foreign", False):
+        return
+    with cost_model.planning() as lacking:
+        for use_stats in {use_strips, False} if revertible else {use_strips}:
+            _rewrite(named, stats if use_stats else None, options, module_of, cost_model)
+    if lacking:
+        raise cost_model.lacks_timings(len(lacking))
 
 
 def _inexact(changes: dict[str, list]) -> bool:

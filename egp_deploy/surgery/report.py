@@ -95,7 +95,7 @@ def print_report(report: dict[str, Any], console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(highlight=False, soft_wrap=True)  # a line stays one line, whatever the width
     before, after = report.get("before", {}), report.get("after", {})
     table = Table(title="graph surgery", show_lines=False)
     for col in ("metric", "before", "after", "change"):
