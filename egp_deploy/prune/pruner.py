@@ -26,6 +26,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from egp_deploy.distributed import DistContext, all_reduce_sum, broadcast_tensors, current_context
 from egp_deploy.errors import DataError, EgpError, InputFileError, UnsupportedError, UsageError, first_words
@@ -233,7 +234,7 @@ class Pruner:
         params = dict(self.net.named_parameters())
         for key in self.masks:
             self._handles.append(params[key].register_hook(lambda g, key=key: g * self.masks[key].to(g.device, g.dtype)))
-        self._handles.append(torch.optim.optimizer.register_optimizer_step_post_hook(self._after_optimizer_step))
+        self._handles.append(register_optimizer_step_post_hook(self._after_optimizer_step))
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, _args, _kwargs) -> None:
         M.enforce_masks(self.net, self.masks, optimizer)
