@@ -35,8 +35,12 @@ REGIONS = {
 }
 
 
-def channel_dim(ndim: int) -> int:
-    """A neuron is a channel: dim 1 of (N, C, ...) and (N, C); the last dim of (N, L, C) tokens."""
+def channel_dim(ndim: int, axis: int | None = None) -> int:
+    """A neuron is a channel: ``axis`` when the site's feeder tells it (1 after a conv, -1 after a
+    Linear: channel-last (N, H, W, C) maps included); otherwise dim 1 of (N, C, ...) and (N, C) and
+    the last dim of (N, L, C) tokens."""
+    if axis is not None and ndim > 1:
+        return axis
     return -1 if ndim == 3 else 1
 
 
@@ -53,9 +57,10 @@ def _per_channel_count(flags: torch.Tensor, cdim: int) -> torch.Tensor:
     return per.long()
 
 
-def region_counts(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-channel region counts of one pre-activation tensor: int64 (C, R), R = len(REGIONS[kind])."""
-    cdim = channel_dim(x.ndim) % x.ndim
+def region_counts(x: torch.Tensor, kind: str, axis: int | None = None) -> torch.Tensor:
+    """Per-channel region counts of one pre-activation tensor: int64 (C, R), R = len(REGIONS[kind]);
+    ``axis``: the channel dim when known (see channel_dim)."""
+    cdim = channel_dim(x.ndim, axis) % x.ndim
     total = x.numel() // x.shape[cdim]
     on_or_above = _per_channel_count(x > 0, cdim)
     if kind == "relu6":
@@ -198,7 +203,7 @@ def collect_counts(
 
     def record(i: int, x: torch.Tensor) -> None:
         site = site_list[i]
-        c = region_counts(x.detach(), site.kind)
+        c = region_counts(x.detach(), site.kind, site.channel_axis)
         prev = out.get(site.name)
         if prev is None:
             prev = out[site.name] = SiteCounts(site.kind, torch.zeros_like(c))

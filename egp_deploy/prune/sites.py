@@ -81,6 +81,7 @@ class Site:
     post_add: bool = False  # the activation follows a residual add
     module: str | None = None  # the activation module (None: a functional call)
     call: int = 0  # which call of ``module`` in one forward pass (0-based)
+    channel_axis: int | None = None  # a neuron's dim: 1 after a conv, -1 after a Linear, None: by rank
 
     @property
     def proxy(self) -> bool:
@@ -123,6 +124,12 @@ class _View:
     pass_operand: Callable[[Any], Any]  # node -> its data operand when value/shape-preserving per channel
     is_add: Callable[[Any], bool]
     is_mul: Callable[[Any], bool]
+    modules: dict[str, nn.Module]
+
+    def channel_axis(self, feeder: str | None) -> int | None:
+        """A Linear's neurons are its input's last dim whatever the rank; a conv's are dim 1."""
+        mod = self.modules.get(feeder) if feeder is not None else None
+        return -1 if isinstance(mod, nn.Linear) else 1 if isinstance(mod, WEIGHTED) else None
 
 
 def _node_operands(node) -> list:
@@ -231,7 +238,7 @@ def _sites_from_graph(graph, view: _View, method: str) -> Discovery:
         if module is not None:
             call = calls.get(module, 0)
             calls[module] = call + 1
-        sites.append(Site(name, kind, feeder, post_add, module, call))
+        sites.append(Site(name, kind, feeder, post_add, module, call, view.channel_axis(feeder)))
         node_of[name] = node.name
     return Discovery(sites, method, graph=graph if method == "fx" else None, node_of=node_of if method == "fx" else {})
 
@@ -298,7 +305,7 @@ def _fx_view(model: nn.Module) -> _View:
         return (node.op == "call_function" and node.target in _MUL_FUNCTIONS) or (
             node.op == "call_method" and node.target in _MUL_METHODS)
 
-    return _View(activation, weighted, pass_operand, is_add, is_mul)
+    return _View(activation, weighted, pass_operand, is_add, is_mul, modules)
 
 
 def trace(model: nn.Module):
@@ -369,7 +376,7 @@ def _export_view(model: nn.Module) -> _View:
         return None
 
     return _View(activation, weighted, pass_operand, lambda n: n.op == "call_function" and n.target in add_ops,
-                 lambda n: n.op == "call_function" and n.target in mul_ops)
+                 lambda n: n.op == "call_function" and n.target in mul_ops, modules)
 
 
 def _export_sites(model: nn.Module, example_inputs: tuple) -> Discovery:
@@ -397,7 +404,7 @@ def _order_sites(model: nn.Module) -> list[Site]:
         kind = activation_kind(mod)
         if kind is not None:
             sites.append(Site(name, kind, last, module=name))
-    return sites
+    return sites  # no channel_axis: a guessed feeder does not say where the neurons are
 
 
 def _as_tuple(example_inputs) -> tuple:
