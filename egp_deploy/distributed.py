@@ -68,6 +68,15 @@ def init_distributed(backend: str = "auto", timeout_s: float = 1800.0) -> DistCo
     return DistContext(rank, world, local_rank, backend)
 
 
+def current_context() -> DistContext:
+    """The process group this process has already joined (the user's own torchrun/DDP set-up), or a
+    single process when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return DistContext()
+    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
+                       str(dist.get_backend()))
+
+
 def shutdown(ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -157,3 +157,17 @@ def test_sparsity_all_zero_layers_and_zero_output_channels():
     assert M.sparsity(model, ["0"]) == 1.0
     assert M.all_zero_layers(model, ["0", "3", "6"]) == ["0"]
     assert M.zero_output_channels(model, ["0", "3", "6"]) == {"0": 4, "3": 1, "6": 0}
+
+
+def test_smallest_selects_what_a_stable_sort_selects():
+    """The k-th value search keeps the stable sort's choice exactly, ties by position included."""
+    from egp_deploy.prune.masks import smallest
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n = int(torch.randint(1, 50, (1,), generator=g))
+        values = torch.randint(0, 4, (n,), generator=g).float() if trial % 2 else torch.rand(n, generator=g)
+        k = int(torch.randint(0, n + 1, (1,), generator=g))
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[torch.sort(values, stable=True).indices[:k]] = True
+        assert torch.equal(smallest(values, k), expected), (values.tolist(), k)

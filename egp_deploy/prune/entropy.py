@@ -25,9 +25,9 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from egp_deploy.errors import NonFiniteError
+from egp_deploy.errors import NonFiniteError, UnsupportedError
 from egp_deploy.numeric import region_entropy_bits
-from egp_deploy.prune.sites import PROXY_KINDS, Site, find_sites
+from egp_deploy.prune.sites import PROXY_KINDS, Discovery, Site, discover_sites, find_sites
 
 REGIONS = {
     "relu": ("off", "on"), "gelu": ("off", "on"), "silu": ("off", "on"),
@@ -35,8 +35,12 @@ REGIONS = {
 }
 
 
-def channel_dim(ndim: int) -> int:
-    """A neuron is a channel: dim 1 of (N, C, ...) and (N, C); the last dim of (N, L, C) tokens."""
+def channel_dim(ndim: int, axis: int | None = None) -> int:
+    """A neuron is a channel: ``axis`` when the site's feeder tells it (1 after a conv, -1 after a
+    Linear: channel-last (N, H, W, C) maps included); otherwise dim 1 of (N, C, ...) and (N, C) and
+    the last dim of (N, L, C) tokens."""
+    if axis is not None and ndim > 1:
+        return axis
     return -1 if ndim == 3 else 1
 
 
@@ -53,9 +57,10 @@ def _per_channel_count(flags: torch.Tensor, cdim: int) -> torch.Tensor:
     return per.long()
 
 
-def region_counts(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-channel region counts of one pre-activation tensor: int64 (C, R), R = len(REGIONS[kind])."""
-    cdim = channel_dim(x.ndim) % x.ndim
+def region_counts(x: torch.Tensor, kind: str, axis: int | None = None) -> torch.Tensor:
+    """Per-channel region counts of one pre-activation tensor: int64 (C, R), R = len(REGIONS[kind]);
+    ``axis``: the channel dim when known (see channel_dim)."""
+    cdim = channel_dim(x.ndim, axis) % x.ndim
     total = x.numel() // x.shape[cdim]
     on_or_above = _per_channel_count(x > 0, cdim)
     if kind == "relu6":
@@ -133,45 +138,98 @@ def _sites_of(model: nn.Module, sites: list[Site] | None) -> list[Site]:
     return find_sites(model) if sites is None else sites
 
 
+_RECORDERS: list = []  # the recorder of the probe pass in progress (innermost last)
+
+
+def _probe(x: torch.Tensor, index: int) -> torch.Tensor:
+    """Inserted before a site in a probe graph: hands the pre-activation to the active recorder."""
+    _RECORDERS[-1](index, x)
+    return x
+
+
+def _probe_module(model: nn.Module, found: Discovery, sites: list[Site]) -> nn.Module:
+    """A GraphModule over ``model``'s own submodules and parameters (so it sees the current weights)
+    running the discovery's fx graph with ``_probe(x, i)`` before the i-th of ``sites``."""
+    import copy
+
+    import torch.fx as fx
+
+    graph = fx.Graph()
+    env: dict = {}
+    graph.output(graph.graph_copy(found.graph, env))
+    graph._codegen = copy.deepcopy(found.graph._codegen)
+    by_name = {n.name: n for n in found.graph.nodes}
+    for i, s in enumerate(sites):
+        node = env[by_name[found.node_of[s.name]]]
+        with graph.inserting_before(node):
+            node.update_arg(0, graph.call_function(_probe, (node.args[0], i)))
+    return fx.GraphModule(model, graph)
+
+
+def _instrument(model: nn.Module, sites: list[Site], found: Discovery | None, record) -> tuple[nn.Module, list]:
+    """What to run and the hooks to remove: the model itself with a forward pre-hook per site when
+    every site is the only call of its activation module, else a probe graph (functional sites,
+    modules called twice). ``record(i, pre_activation)`` receives the i-th site's input."""
+    probe = found if found is not None else Discovery(sites, "given")
+    if not probe.needs_graph:
+        modules = dict(model.named_modules())
+        return model, [modules[s.module or s.name].register_forward_pre_hook(lambda _m, args, i=i: record(i, args[0]))
+                       for i, s in enumerate(sites)]
+    if found is None or found.graph is None:
+        found = discover_sites(model)
+    if found.graph is None or any(s.name not in found.node_of for s in sites):
+        raise UnsupportedError(f"functional or shared activation sites of {type(model).__name__} can only be "
+                               f"measured on a torch.fx graph, and fx cannot trace it ({found.note})")
+    return _probe_module(model, found, sites), []
+
+
+def _all_finite(output) -> bool:
+    """Every floating tensor in a model's output (a tensor, tuple, dict ...) is finite."""
+    from torch.utils._pytree import tree_leaves
+
+    return all(bool(torch.isfinite(t).all()) for t in tree_leaves(output)
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
 def collect_counts(
     model: nn.Module, loader: Iterable, device: str | torch.device = "cpu", max_batches: int | None = None,
-    sites: list[Site] | None = None, per_batch: bool = False,
+    sites: list[Site] | Discovery | None = None, per_batch: bool = False,
 ) -> dict[str, SiteCounts]:
-    """One eval-mode, no-grad pass; forward pre-hooks on each activation count its input's regions."""
-    sites = _sites_of(model, sites)
-    modules = dict(model.named_modules())
+    """One eval-mode, no-grad pass over ``loader`` (tensors, or tuples/lists whose first item is the
+    input); each site's input (the pre-activation) is counted per channel and region."""
+    found = sites if isinstance(sites, Discovery) else None
+    site_list = found.sites if found is not None else _sites_of(model, sites)
     out: dict[str, SiteCounts] = {}
-    handles = []
 
-    def make_hook(site: Site):
-        def hook(_mod, args):
-            c = region_counts(args[0].detach(), site.kind)
-            prev = out.get(site.name)
-            if prev is None:
-                prev = out[site.name] = SiteCounts(site.kind, torch.zeros_like(c))
-            prev.counts += c
-            if per_batch:
-                h = _entropy_bits(c)
-                prev.batch_entropy_sum += _layer_entropy(h, (c > 0).sum(dim=1) <= 1)
-                prev.batches += 1
-        return hook
+    def record(i: int, x: torch.Tensor) -> None:
+        site = site_list[i]
+        c = region_counts(x.detach(), site.kind, site.channel_axis)
+        prev = out.get(site.name)
+        if prev is None:
+            prev = out[site.name] = SiteCounts(site.kind, torch.zeros_like(c))
+        prev.counts += c
+        if per_batch:
+            h = _entropy_bits(c)
+            prev.batch_entropy_sum += _layer_entropy(h, (c > 0).sum(dim=1) <= 1)
+            prev.batches += 1
 
-    for s in sites:
-        handles.append(modules[s.name].register_forward_pre_hook(make_hook(s)))
+    runner, handles = _instrument(model, site_list, found, record)
     was_training = model.training
     model.eval()
+    _RECORDERS.append(record)
     try:
         with torch.no_grad():
             for i, batch in enumerate(loader):
                 if max_batches is not None and i >= max_batches:
                     break
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                y = model(x.to(device))
-                if not torch.isfinite(y).all():
+                y = runner(x.to(device))
+                if not _all_finite(y):
                     if x.is_floating_point() and not torch.isfinite(x).all():
                         raise NonFiniteError("calibration data contains NaN/Inf values")
                     raise NonFiniteError("model outputs NaN/Inf during entropy measurement")
     finally:
+        _RECORDERS.pop()
         for h in handles:
             h.remove()
         model.train(was_training)
@@ -212,12 +270,12 @@ def stats_from_counts(
 
 def measure_entropy(
     model: nn.Module, loader: Iterable, device: str | torch.device = "cpu", max_batches: int | None = None,
-    mode: str = "dataset", sites: list[Site] | None = None,
+    mode: str = "dataset", sites: list[Site] | Discovery | None = None,
 ) -> dict[str, SiteStats]:
     """Entropy of every activation site of ``model`` over ``loader`` (eval mode, no grad)."""
-    sites = _sites_of(model, sites)
+    sites = discover_sites(model) if sites is None else sites
     counts = collect_counts(model, loader, device, max_batches, sites, per_batch=(mode == "batch"))
-    return stats_from_counts(counts, sites, mode)
+    return stats_from_counts(counts, sites.sites if isinstance(sites, Discovery) else sites, mode)
 
 
 def layer_entropies(stats: dict[str, SiteStats]) -> dict[str, float]:

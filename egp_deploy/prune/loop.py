@@ -24,17 +24,14 @@ import torch.nn as nn
 from egp_deploy.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from egp_deploy.data import DataBundle
 from egp_deploy.distributed import (
-    DistContext, all_reduce_sum, barrier, broadcast_tensors, eval_loader, set_epoch, train_loader,
+    DistContext, all_reduce_sum, barrier, eval_loader, set_epoch, train_loader,
 )
 from egp_deploy.errors import InputFileError, UsageError
 from egp_deploy.io_utils import atomic_path, write_json_atomic
 from egp_deploy.prune import masks as M
-from egp_deploy.prune.allocation import LayerState, allocate
-from egp_deploy.prune.cuts import CutLayers, find_cut_layers
-from egp_deploy.prune.entropy import (
-    SiteStats, collect_counts, layer_entropies, stats_from_counts, zero_entropy_sites,
-)
-from egp_deploy.prune.sites import Site, all_weight_layers, find_sites, prunable_layers
+from egp_deploy.prune.entropy import SiteStats
+from egp_deploy.prune.pruner import OPTIONS as PRUNER_OPTIONS
+from egp_deploy.prune.pruner import Pruner
 from egp_deploy.prune.train import TrainConfig, lr_at, make_optimizer, train_one_epoch
 
 LOG_FORMAT = "egp-deploy-prune-log"
@@ -65,31 +62,26 @@ class PruneConfig:
 
     def validate(self) -> None:
         """The ranges egp-prune and egp_deploy.prune() check (egp_deploy.validation.RANGES)."""
-        from egp_deploy.validation import validate_options
+        from egp_deploy.validation import option_name, validate_options
 
         if self.method not in ("egp", "imp"):
-            raise UsageError(f"--method must be egp or imp, got {self.method!r}")
+            raise UsageError(f"{option_name('method', '--method')} must be egp or imp, got {self.method!r}")
         validate_options("prune", {"iterations": self.iterations, "rate": self.rate, "tolerance": self.tolerance,
                                    "patience": self.patience, "min_keep_cut": self.min_keep_cut,
                                    "temperature": self.temperature, "calibration_batches": self.calibration_batches,
                                    "seed": self.seed})
+        if self.entropy_mode not in ("dataset", "batch"):
+            raise UsageError(f"{option_name('entropy_mode', '--entropy-mode')} must be dataset or batch, "
+                             f"got {self.entropy_mode!r}")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def measure(model: nn.Module, bundle: DataBundle, cfg: PruneConfig, ctx: DistContext, sites: list[Site]) -> dict[str, SiteStats]:
-    """Entropy over the calibration split; per-rank counts are summed before entropies are formed."""
-    loader = eval_loader(ctx, bundle.val, cfg.eval_batch_size)
-    counts = collect_counts(_unwrap(model), loader, ctx.device, cfg.calibration_batches, sites,
-                            per_batch=cfg.entropy_mode == "batch")
-    for name in sorted(counts):  # same order on every rank
-        sc = counts[name]
-        all_reduce_sum(ctx, sc.counts)
-        all_reduce_sum(ctx, sc.batch_entropy_sum)
-        all_reduce_sum(ctx, sc.batches)
-    return stats_from_counts(counts, sites, cfg.entropy_mode)
+def measure(pruner: Pruner, bundle: DataBundle, cfg: PruneConfig, ctx: DistContext) -> dict[str, SiteStats]:
+    """Entropy over the calibration split (this rank's shard; the Pruner sums counts over ranks)."""
+    return pruner.measure(eval_loader(ctx, bundle.val, cfg.eval_batch_size))
 
 
 @torch.no_grad()
@@ -137,75 +129,18 @@ def finetune(model: nn.Module, bundle: DataBundle, tcfg: TrainConfig, masks: M.M
     return history
 
 
-def min_keep_of_cut_layers(model: nn.Module, cuts: CutLayers, fraction: float) -> dict[str, int]:
-    """Weights each cut layer keeps at least: ``fraction`` of its original count, rounded up (so
-    any fraction > 0 keeps at least one weight)."""
-    if fraction <= 0 or not cuts.known:
-        return {}
-    params = dict(_unwrap(model).named_parameters())
-    return {layer: math.ceil(fraction * params[M.weight_param(layer)].numel()) for layer in cuts.layers}
-
-
-def layer_states(model: nn.Module, layers: list[str], stats: dict[str, SiteStats], feeds: dict[str, str],
-                 min_keep: dict[str, int] | None = None) -> list[LayerState]:
-    params = dict(_unwrap(model).named_parameters())
-    min_keep = min_keep or {}
-    out = []
-    for layer in layers:
-        w = params[M.weight_param(layer)].detach()
-        nz = w[w != 0]
-        site = feeds.get(layer)
-        h = stats[site].entropy if site in stats else 0.0
-        cap = max(0, nz.numel() - min_keep[layer]) if layer in min_keep else None
-        out.append(LayerState(layer, h, float(nz.abs().mean()) if nz.numel() else 0.0, int(nz.numel()), cap))
-    return out
-
-
-def prune_step(model: nn.Module, cfg: PruneConfig, masks: M.Masks, layers: list[str], all_layers: list[str],
-               stats: dict[str, SiteStats], feeds: dict[str, str], ctx: DistContext,
-               min_keep: dict[str, int] | None = None) -> tuple[M.Masks, dict]:
-    """One pruning decision. Deterministic given the (reduced) stats and the weights, so every
-    rank computes the same masks; rank 0's are broadcast anyway as a guard. ``min_keep``: weights
-    a layer keeps at least (EGP only; see min_keep_of_cut_layers)."""
-    net = _unwrap(model)
-    params = dict(net.named_parameters())
-    if cfg.method == "egp":
-        alloc = allocate(layer_states(net, layers, stats, feeds, min_keep), cfg.rate, cfg.temperature)
-        new = dict(masks)
-        for layer, n in alloc.prune.items():
-            if n:
-                key = M.weight_param(layer)
-                new[key] = M.prune_smallest(params[key], masks[key], n)
-        info = alloc.to_json()
-    else:  # IMP: global L1 over every conv/linear weight at the same rate
-        remaining = sum(int(m.sum()) for m in masks.values())
-        n = int(round(cfg.rate * remaining))
-        new = M.prune_global_smallest({k: params[k] for k in masks}, masks, n)
-        info = {"prune_total": n}
-    ordered = [new[k] for k in sorted(new)]
-    broadcast_tensors(ctx, ordered)
-    new = dict(zip(sorted(new), ordered))
-    M.apply_masks(net, new)
-    return new, info
-
-
-def _record(iteration: int, model: nn.Module, cfg: PruneConfig, bundle: DataBundle, ctx: DistContext,
-            stats: dict[str, SiteStats], layers: list[str], all_layers: list[str], extra: dict) -> dict[str, Any]:
-    net = _unwrap(model)
-    zero_out = M.zero_output_channels(net, layers)
+def _record(iteration: int, pruner: Pruner, cfg: PruneConfig, bundle: DataBundle, ctx: DistContext,
+            extra: dict) -> dict[str, Any]:
+    info = pruner.summary()
     return {
         "iteration": iteration,
         "method": cfg.method,
-        "sparsity_prunable": M.sparsity(net, layers),
-        "sparsity_all": M.sparsity(net, all_layers),
-        "val_acc": accuracy(net, bundle.val, cfg, ctx),
-        "test_acc": accuracy(net, bundle.test, cfg, ctx),
-        "entropy": layer_entropies(stats),
-        "sites": {k: v.summary() for k, v in stats.items()},
-        "zero_entropy_sites": zero_entropy_sites(stats),
-        "all_zero_layers": M.all_zero_layers(net, layers),
-        "zero_output_channels": sum(zero_out.values()),
-        "output_channels": sum(int(dict(net.named_parameters())[M.weight_param(l)].shape[0]) for l in layers),
+        "sparsity_prunable": info["sparsity_prunable"],
+        "sparsity_all": info["sparsity_all"],
+        "val_acc": accuracy(pruner.net, bundle.val, cfg, ctx),
+        "test_acc": accuracy(pruner.net, bundle.test, cfg, ctx),
+        **{k: info[k] for k in ("entropy", "sites", "zero_entropy_sites", "all_zero_layers", "zero_output_channels",
+                                "output_channels")},
         **extra,
     }
 
@@ -254,17 +189,9 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
     out = Path(out_dir)
     log_path = out / "log.json"
     model = start.build_model().to(ctx.device)
-    sites = find_sites(model)
-    layers = prunable_layers(model, sites)
-    all_layers = all_weight_layers(model)
-    feeds = {s.feeder: s.name for s in sites if s.feeder}
-    masked_layers = layers if cfg.method == "egp" else all_layers
-    cuts = find_cut_layers(model, layers)
-    min_keep = min_keep_of_cut_layers(model, cuts, cfg.min_keep_cut) if cfg.method == "egp" else {}
-
     log: dict[str, Any] = {"format": LOG_FORMAT, "arch": start.arch, "arch_kwargs": start.arch_kwargs,
-                           "data": bundle.spec, "config": cfg.to_json(), "prunable_layers": layers,
-                           "sites": [asdict(s) for s in sites], "iterations": [], "world_size": ctx.world_size}
+                           "data": bundle.spec, "config": cfg.to_json(), "prunable_layers": None,
+                           "sites": None, "iterations": [], "world_size": ctx.world_size}
     if resume and log_path.is_file():
         import json
 
@@ -291,23 +218,30 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
         for stale in out.glob("iter_[0-9][0-9].pt"):
             stale.unlink()
     barrier(ctx)
+    # sites, prunable layers, cut layers and masks (a checkpoint's masks are its zeros) of the model
+    # the run continues from; the loop keeps the masks itself (train_one_epoch), so no hooks
+    example = torch.zeros((1, *start.input_shape), device=ctx.device)
+    pruner = Pruner(model, example, cfg.method, cfg.rate, **{k: getattr(cfg, k) for k in PRUNER_OPTIONS},
+                    keep_masked_zero=False, context=ctx)
+    layers = pruner.layers
+    log["prunable_layers"] = layers
+    log["sites"] = [s.to_json() for s in pruner.sites]
     # which layers nothing bypasses (they are the ones the min_keep_cut guard protects)
-    log["cut_layers"] = cuts.layers
-    log["cut_layer_min_keep"] = min_keep
-    if not cuts.known:
-        log["cut_layers_note"] = cuts.note
+    log["cut_layers"] = pruner.cuts.layers
+    log["cut_layer_min_keep"] = pruner.min_keep
+    if not pruner.cuts.known:
+        log["cut_layers_note"] = pruner.cuts.note
 
-    stats = None  # entropy of the current weights; an iteration's closing measurement opens the next
+    measured = False  # entropy of the current weights; an iteration's closing measurement opens the next
     if not log["iterations"]:  # iteration 0: the starting model
-        stats = measure(model, bundle, cfg, ctx, sites)
-        rec = _record(0, model, cfg, bundle, ctx, stats, layers, all_layers, {"seconds": 0.0})
+        measure(pruner, bundle, cfg, ctx)
+        measured = True
+        rec = _record(0, pruner, cfg, bundle, ctx, {"seconds": 0.0})
         log["iterations"].append(rec)
         _save(out, 0, model, start, rec, cfg, bundle, layers, log, ctx)
     dense_acc = _dense_acc(log, start)
     if resume and log.get("stopped") and not _should_stop(log["iterations"], dense_acc, cfg):
         del log["stopped"]  # resumed with a wider tolerance or more patience: the run goes on
-    masks = M.masks_from_zeros(model, masked_layers)
-
     from egp_deploy.progress import progress_bar
 
     done = log["iterations"][-1]["iteration"]
@@ -317,13 +251,14 @@ def run_pruning(start: Checkpoint, bundle: DataBundle, cfg: PruneConfig, out_dir
         if log.get("stopped"):
             break
         t0 = time.perf_counter()
-        if stats is None:  # resumed: measure the checkpoint the run continues from
-            stats = measure(model, bundle, cfg, ctx, sites)
-        masks, info = prune_step(model, cfg, masks, layers, all_layers, stats, feeds, ctx, min_keep)
-        hist = finetune(model, bundle, cfg.finetune, masks, ctx, cfg.seed * 7919 + it, f"iter {it}", progress)
-        stats = measure(model, bundle, cfg, ctx, sites)
-        rec = _record(it, model, cfg, bundle, ctx, stats, layers, all_layers,
-                      {"allocation": info, "finetune": hist, "seconds": time.perf_counter() - t0})
+        if not measured:  # resumed: measure the checkpoint the run continues from
+            measure(pruner, bundle, cfg, ctx)
+            measured = True
+        info = pruner.step()
+        hist = finetune(model, bundle, cfg.finetune, pruner.masks, ctx, cfg.seed * 7919 + it, f"iter {it}", progress)
+        measure(pruner, bundle, cfg, ctx)
+        rec = _record(it, pruner, cfg, bundle, ctx, {"allocation": info, "finetune": hist,
+                                                     "seconds": time.perf_counter() - t0})
         log["iterations"].append(rec)
         if _should_stop(log["iterations"], dense_acc, cfg):
             log["stopped"] = (f"iteration {it}: test accuracy {rec['test_acc']:.2f} more than {cfg.tolerance} points "

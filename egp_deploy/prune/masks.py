@@ -29,30 +29,44 @@ def full_masks(model: nn.Module, layers: list[str]) -> Masks:
     return {weight_param(n): torch.ones_like(params[weight_param(n)], dtype=torch.bool) for n in layers}
 
 
+def smallest(values: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool mask of the ``n`` smallest entries of a 1-D tensor, ties broken by position (lower index
+    first): what the first ``n`` of a stable sort select, found with one O(N) k-th value search
+    instead of a full sort (a 25 M-weight step is dominated by it)."""
+    n = max(0, min(int(n), values.numel()))
+    out = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    if n == 0:
+        return out
+    if n == values.numel():
+        return ~out
+    threshold = torch.kthvalue(values, n).values  # the n-th smallest value
+    below = values < threshold
+    out |= below
+    ties = (values == threshold).nonzero().squeeze(1)
+    out[ties[: n - int(below.sum())]] = True
+    return out
+
+
 def prune_smallest(weight: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
     """A new mask with ``n`` more of the kept weights removed, smallest |w| first (L1, unstructured).
 
-    Ties are broken by flat index (stable sort), so the result is deterministic."""
+    Ties are broken by flat index, so the result is deterministic."""
     kept = mask.flatten().nonzero().squeeze(1)
-    n = max(0, min(int(n), kept.numel()))
     new = mask.clone().flatten()
-    if n:
-        mags = weight.detach().flatten()[kept].abs()
-        order = torch.sort(mags, stable=True).indices[:n]
-        new[kept[order]] = False
+    if int(n) > 0 and kept.numel():
+        mags = torch.masked_select(weight.detach().flatten(), mask.flatten()).abs()  # = w[kept], ~3x faster
+        new[kept[smallest(mags, n)]] = False
     return new.view_as(mask)
 
 
 def prune_global_smallest(params: dict[str, torch.Tensor], masks: Masks, n: int) -> Masks:
     """Global L1: remove the ``n`` smallest kept weights over all masked parameters (IMP)."""
     names = list(masks)
-    mags = torch.cat([params[k].detach().flatten().abs()[masks[k].flatten()] for k in names])
+    mags = torch.cat([torch.masked_select(params[k].detach().flatten(), masks[k].flatten()).abs() for k in names])
     n = max(0, min(int(n), mags.numel()))
     if n == 0:
         return {k: m.clone() for k, m in masks.items()}
-    order = torch.sort(mags, stable=True).indices
-    threshold_rank = torch.zeros(mags.numel(), dtype=torch.bool)
-    threshold_rank[order[:n]] = True  # exactly n, ties resolved by position
+    threshold_rank = smallest(mags, n)  # exactly n, ties resolved by position
     out, start = {}, 0
     for k in names:
         m = masks[k].flatten().clone()
