@@ -113,7 +113,7 @@ RANGES: dict[str, dict[str, tuple[str, Range]]] = {
               "patience": ("--patience", Range(1, 1000, integer=True)),
               "epochs": ("--epochs", Range(0, 100_000, integer=True)),
               "lr": ("--lr", POSITIVE),  # no upper bound: a diverging rate is caught as a NaN loss (exit 6)
-              "dense_epochs": ("--dense-epochs", Range(0, 100_000, integer=True)),
+              "dense_epochs": ("--dense-epochs", Range(0, 100_000, integer=True, optional=True)),
               "dense_lr": ("--dense-lr", POSITIVE),
               "batch_size": ("--batch-size", Range(1, 10**6, integer=True)),
               "momentum": ("--momentum", Range(0, 1, high_open=True)),
