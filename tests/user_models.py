@@ -48,3 +48,7 @@ def three_channel_cnn(num_classes: int = 10) -> TinyNet:
 
 
 NOT_A_FACTORY = 42
+
+
+def not_a_model() -> int:
+    return 3
