@@ -326,3 +326,26 @@ def test_egp_prune_a_torchvision_model(tmp_path, capsys):
     assert best.arch == "torchvision:resnet18" and best.arch_kwargs == {"num_classes": 10}
     assert best.input_shape == (3, 32, 32) and best.metadata["sparsity_prunable"] == pytest.approx(0.5, abs=0.01)
     assert isinstance(best.build_model(), nn.Module)  # a registry name needs no --trust-module
+
+
+# ---------------------------------------------------------------------------------------- docs
+
+
+def _pruner_snippet(doc: str) -> str:
+    import re
+
+    match = re.search(r"<!-- snippet:pruner -->\s*```python\n(.*?)```", (ROOT / doc).read_text(), re.S)
+    assert match, f"{doc} lost its Bring-your-own-model snippet"
+    return match.group(1)
+
+
+def test_readme_and_prune_docs_show_the_same_pruner_snippet():
+    assert _pruner_snippet("README.md") == _pruner_snippet("docs/prune.md")
+
+
+def test_pruner_snippet_runs(tmp_path, monkeypatch):
+    if "Pruner" not in getattr(egp, "__all__", ()):
+        pytest.skip("egp_deploy.Pruner is not part of this build")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(_pruner_snippet("docs/prune.md"), "docs/prune.md", "exec"), {"__name__": "snippet"})
+    assert (tmp_path / "pruner.pt").is_file() and (tmp_path / "model.pt2").is_file()
