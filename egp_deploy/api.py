@@ -283,20 +283,24 @@ def prune(
                 raise UsageError("--arch-kwargs applies to a model reference, not to a checkpoint")
             with trusting(everything=trust_module):
                 start = load_checkpoint(Path(source))
-                start.build_model()  # fail early (before loading data) on an unknown model, an untrusted module or weights that do not fit
+                # fail early (before loading data): an unknown model, an untrusted module, weights that do not fit
+                start.build_model()
             trusted = start.arch if trust_module else ()
             bundle = load_data(data or start.metadata.get("data", "digits"))
             if tuple(bundle.input_shape) != tuple(start.input_shape):
                 raise UsageError(f"data {bundle.spec} has samples of shape {bundle.input_shape}, "
                                  f"the checkpoint expects {tuple(start.input_shape)}")
         else:
-            ref, model = (_instance_reference(instance, kwargs), instance) if instance is not None else \
-                (str(_source_reference(str(source))), None)
+            if instance is not None:  # a copy: the caller's model stays as it is
+                ref, model = _instance_reference(instance, kwargs), copy.deepcopy(instance)
+            else:
+                ref, model = str(_source_reference(str(source))), None
             trusted = ref
             spec = data or "digits"
             bundle = load_data(spec)
             with trusting(ref):
                 if model is None:
+                    torch.manual_seed(seed)  # the initialisation train_dense gives
                     model, kwargs = _build_for_data(ref, kwargs, bundle, weights)
                 bundle = _fit_data(model, ref, bundle, spec)
             dense_path = out / "dense.pt"
@@ -304,10 +308,11 @@ def prune(
                 with trusting(ref):
                     start = load_checkpoint(dense_path, expected_arch=ref)
             else:
-                epochs_dense = dense_epochs if dense_epochs is not None else (0 if instance is not None or weights else 30)
-                train_from = copy.deepcopy(model) if instance is not None else model  # the caller's model stays as it is
-                meta = {"weights": str(weights)} if weights is not None else {"source": "model instance"} if instance is not None else {}
-                start = _dense_checkpoint(train_from, ref, kwargs, bundle, recipe(epochs_dense, dense_lr), seed, ctx, progress, meta)
+                given_weights = instance is not None or weights is not None  # they are the dense model by default
+                n_dense = dense_epochs if dense_epochs is not None else (0 if given_weights else 30)
+                meta = ({"weights": str(weights)} if weights is not None else {}) | \
+                    ({"source": "model instance"} if instance is not None else {})
+                start = _dense_checkpoint(model, ref, kwargs, bundle, recipe(n_dense, dense_lr), seed, ctx, progress, meta)
                 if ctx.is_main:
                     save_checkpoint(dense_path, start)
                     log(f"dense {ref}: test accuracy {start.metadata['test_acc']:.2f} % -> {dense_path}")
@@ -655,7 +660,8 @@ def deploy(
     CalibrationSet already loaded (the same inputs for many models). Every
     argument and output path is checked before any work, and the outputs are committed together at
     the end (a refused surgery leaves none of them; rerun with ``surgery=False`` to keep the exported
-    graph). ``log`` receives progress lines,
+    graph). ``trust_module``: a checkpoint naming a ``package.module:factory`` may import it (that
+    runs the module's code). ``log`` receives progress lines,
     ``stage(text)`` wraps each long stage (a spinner in a terminal)."""
     import torch
 

@@ -112,7 +112,8 @@ def _library(kind: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise BackendUnavailableError(f"{kind} is not installed: pip install 'egp-deploy[zoo]' (for {kind}:NAME models)") from None
+        raise BackendUnavailableError(f"{kind} is not installed: pip install 'egp-deploy[zoo]' "
+                                      f"(for {kind}:NAME models)") from None
     except Exception as e:  # a build whose compiled ops do not load beside this torch, ...
         raise BackendUnavailableError(f"{kind} cannot be imported here ({type(e).__name__}: {first_words(e, 160)})") from None
 

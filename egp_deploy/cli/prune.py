@@ -65,7 +65,7 @@ def prune(
     check_prune_paths(source, out)
     if is_main_process():  # the folder is rank 0's: it writes every file of the run
         hold(run_folder(out, resume=resume, force=force, command="egp-prune", run_files=PRUNE_RUN_FILES,
-                        keep=[source] if Path(source).is_file() else []))
+                        keep=[p for p in (source, weights) if p is not None and Path(p).is_file()]))
     import os
 
     from egp_deploy.api import prune as run_prune
