@@ -15,6 +15,7 @@ the stage it belongs to succeeded, and every file is written atomically.
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import os
 import platform
@@ -31,6 +32,7 @@ from egp_deploy.errors import BackendUnavailableError, UnsupportedError, UsageEr
 if TYPE_CHECKING:  # heavy imports stay out of `import egp_deploy`
     import numpy as np
     import onnx
+    import torch.nn as nn
 
     from egp_deploy.bench import BenchSettings
     from egp_deploy.calibration import CalibrationSet
@@ -77,33 +79,135 @@ def parse_arch_kwargs(text: str | None) -> dict[str, Any]:
 
 def train_dense(arch: str, bundle: DataBundle, recipe: TrainConfig, arch_kwargs: Mapping[str, Any] | None = None,
                 seed: int = 0, ctx: DistContext | None = None, progress: bool = False,
-                metadata: Mapping[str, Any] | None = None) -> Checkpoint:
+                metadata: Mapping[str, Any] | None = None, *, weights: PathLike | None = None) -> Checkpoint:
     """THE dense-training recipe: seeded init, SGD ``recipe`` on the train split, accuracy on val and test.
 
+    ``arch`` is a model reference (a zoo name, ``torchvision:NAME``, ``timm:NAME`` or
+    ``package.module:factory``); its classes and input channels follow the data where its
+    constructor has them. ``weights``: a state_dict file to start from (loaded weights-only).
     Returns an (unsaved) checkpoint whose metadata records the data, the recipe and the accuracies."""
     import torch
 
-    from egp_deploy.archs import create_model
+    from egp_deploy.archs.references import trusting
+
+    torch.manual_seed(seed)
+    with trusting(arch):  # the caller named it
+        model, kwargs = _build_for_data(arch, arch_kwargs or {}, bundle, weights)
+    return _dense_checkpoint(model, arch, kwargs, bundle, recipe, seed, ctx, progress,
+                             {**({"weights": str(weights)} if weights is not None else {}), **(metadata or {})})
+
+
+def _build_for_data(ref: str, given: Mapping[str, Any], bundle: DataBundle,
+                    weights: PathLike | None = None) -> tuple[Any, dict[str, Any]]:
+    """The model ``ref`` names, its classes and input channels set from the data where its
+    constructor takes them (``given`` wins), with ``weights`` loaded; and the kwargs it was built with."""
+    from egp_deploy.archs.references import build_model, data_kwargs
+    from egp_deploy.checkpoint import load_weights
+
+    kwargs = {**data_kwargs(ref, bundle.num_classes, bundle.input_shape[0]), **given}
+    model = build_model(ref, kwargs, origin="the command line")
+    if weights is not None:
+        load_weights(model, weights, f"{ref} {kwargs}")
+    return model, kwargs
+
+
+def _dense_checkpoint(model: Any, arch: str, kwargs: Mapping[str, Any], bundle: DataBundle, recipe: TrainConfig,
+                      seed: int, ctx: DistContext | None, progress: bool, metadata: Mapping[str, Any]) -> Checkpoint:
     from egp_deploy.checkpoint import checkpoint_from_model
     from egp_deploy.distributed import DistContext
     from egp_deploy.prune.loop import PruneConfig, accuracy, finetune
 
     ctx = ctx or DistContext()
-    kwargs = {"num_classes": bundle.num_classes, "in_channels": bundle.input_shape[0], **(arch_kwargs or {})}
-    torch.manual_seed(seed)
-    model = create_model(arch, **kwargs).to(ctx.device)
+    model = model.to(ctx.device)
     t0 = time.perf_counter()
     finetune(model, bundle, recipe, None, ctx, seed, f"{arch} dense", progress)
     seconds = time.perf_counter() - t0
     evaluation = PruneConfig()
     meta = {"data": bundle.spec, "method": "dense", "recipe": recipe.to_json(), "seed": seed,
             "test_acc": accuracy(model, bundle.test, evaluation, ctx), "val_acc": accuracy(model, bundle.val, evaluation, ctx),
-            "train_seconds": seconds, **(metadata or {})}
-    return checkpoint_from_model(model, arch, kwargs, bundle.input_shape, bundle.num_classes, meta)
+            "train_seconds": seconds, **metadata}
+    return checkpoint_from_model(model, arch, dict(kwargs), bundle.input_shape, bundle.num_classes, meta)
+
+
+def _fit_data(model: Any, ref: str, bundle: DataBundle, spec: str) -> DataBundle:
+    """The data as ``model`` takes it: digits and image folders are given the input channels of the
+    model's first convolution (a torchvision CNN wants 3, digits are grey); then one forward pass
+    must give class scores (N, classes). A model that does not fit is one line, before any training."""
+    import torch
+    import torch.nn as nn
+
+    from egp_deploy.data import calibration_batch, load_data
+    from egp_deploy.errors import first_words
+
+    channels = next((m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if channels and channels != bundle.input_shape[0] and spec.partition(":")[0] in ("digits", "folder"):
+        bundle = load_data(spec, channels=channels)
+    x = calibration_batch(bundle, 2)
+    was = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except Exception as e:  # the model's own forward refuses the samples
+        raise UnsupportedError(f"model {ref} does not run on {bundle.spec} samples of shape {tuple(x.shape[1:])}: "
+                               f"{type(e).__name__}: {first_words(e, 160)}") from None
+    finally:
+        model.train(was)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(x), bundle.num_classes):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UnsupportedError(f"model {ref} outputs {got} on {bundle.spec}; the built-in loop trains classifiers "
+                               f"with outputs [N, {bundle.num_classes}]: set num_classes in --arch-kwargs, or prune "
+                               "inside your own training loop with egp_deploy.Pruner")
+    return bundle
+
+
+def _instance_reference(model: nn.Module, kwargs: Mapping[str, Any]) -> str:
+    """``module:Class`` of a model the loop can rebuild from its checkpoints: the class imports
+    again and ``Class(**kwargs)`` has the very same weights (names and shapes)."""
+    from egp_deploy.archs.references import build_model, reference_of, trusting
+    from egp_deploy.checkpoint import describe_mismatch
+
+    cls = type(model).__qualname__
+    ref = reference_of(model)
+    if ref is None:
+        raise UnsupportedError(
+            f"the built-in loop rebuilds the model from its checkpoint files, and class {cls} cannot be imported again "
+            "(defined in __main__ or inside a function): move it into an importable module, or prune it in your own "
+            "loop with egp_deploy.Pruner and export it with torch.export + egp-export")
+    with trusting(ref):
+        rebuilt = build_model(ref, kwargs, origin="the model given")
+    expected, got = rebuilt.state_dict(), model.state_dict()
+    if {k: tuple(v.shape) for k, v in expected.items()} != {k: tuple(v.shape) for k, v in got.items()}:
+        raise UnsupportedError(f"{ref}(**{dict(kwargs)}) builds other weights than the model given "
+                               f"({describe_mismatch(expected, got)}): pass its constructor's arguments as arch_kwargs")
+    return ref
+
+
+def _is_checkpoint_path(source: Any) -> bool:
+    src = Path(source)
+    return src.suffix in (".pt", ".pth", ".ckpt") or src.exists()
+
+
+def _source_reference(source: str) -> Any:
+    """The model reference SOURCE names (not a file): exit 8 with the forms and close names otherwise."""
+    from egp_deploy.archs import list_archs
+    from egp_deploy.archs.references import ZOO, check_reference, forms, parse_reference, trusting
+    from egp_deploy.archs.registry import close_matches
+    from egp_deploy.errors import EgpError
+
+    try:
+        ref = parse_reference(source)
+    except EgpError:
+        ref = None
+    if ref is None or ref.kind == ZOO and ref.name not in list_archs():
+        # exit 8 like an unknown architecture anywhere else (a checkpoint's, a tool's --arch)
+        raise UnsupportedError(f"{source!r} is neither a checkpoint file nor a model reference"
+                               f"{close_matches(source, list_archs())}: use {forms()}")
+    with trusting(ref):  # the user named it
+        return check_reference(ref, origin="the command line")
 
 
 def prune(
-    source: PathLike,
+    source: PathLike | nn.Module,
     out_dir: PathLike = "runs/prune",
     *,
     method: str = "egp",
@@ -114,7 +218,7 @@ def prune(
     patience: int = 1,
     epochs: int = 8,
     lr: float = 0.05,
-    dense_epochs: int = 30,
+    dense_epochs: int | None = None,
     dense_lr: float = 0.05,
     batch_size: int = 64,
     momentum: float = 0.9,
@@ -125,6 +229,8 @@ def prune(
     min_keep_cut: float = 0.01,
     temperature: float = 1.0,
     arch_kwargs: Mapping[str, Any] | str | None = None,
+    weights: PathLike | None = None,
+    trust_module: bool = False,
     seed: int = 0,
     resume: bool = False,
     force: bool = False,
@@ -132,8 +238,15 @@ def prune(
     progress: bool = True,
     log: Log = _quiet,
 ) -> RunResult:
-    """EGP (or ``method="imp"``) iterative pruning of an architecture (trained dense first) or a checkpoint.
+    """EGP (or ``method="imp"``) iterative pruning of a model reference, a model or a checkpoint.
 
+    ``source``: an egp-deploy checkpoint file; a model reference (a zoo name, ``torchvision:NAME``,
+    ``timm:NAME``, ``package.module:factory``) built with ``arch_kwargs`` and trained dense first
+    (``dense_epochs``, default 30), or started from ``weights`` (a state_dict file: no dense
+    training unless ``dense_epochs`` asks for it); or an ``nn.Module`` whose class can be imported
+    again (``module:Class``, rebuilt with ``arch_kwargs``; its weights are the dense model).
+    ``trust_module``: a checkpoint naming a ``package.module:factory`` may import it (that runs
+    its code; a reference given as ``source`` is trusted as it is).
     Writes ``out_dir``/iter_NN.pt, best.pt, log.json and entropy.png; returns the run's log, best
     iteration and best checkpoint path. Under torchrun it runs data-parallel (only rank 0 writes).
     ``out_dir`` is locked for the run; a previous run in it is continued with ``resume``, replaced
@@ -151,10 +264,11 @@ def prune(
     if dist_backend not in ("auto", "nccl", "gloo"):
         raise UsageError(f"--dist-backend must be auto, nccl or gloo, got {dist_backend!r}")
     kwargs = parse_arch_kwargs(arch_kwargs) if isinstance(arch_kwargs, str) or arch_kwargs is None else dict(arch_kwargs)
-    check_prune_paths(source, out_dir)
+    check_prune_paths(source, out_dir, weights)
     import torch
+    import torch.nn as nn
 
-    from egp_deploy.archs import list_archs
+    from egp_deploy.archs.references import trusting
     from egp_deploy.checkpoint import load_checkpoint, save_checkpoint
     from egp_deploy.data import load_data, recorded_data_spec
     from egp_deploy.distributed import init_distributed, shutdown
@@ -162,10 +276,15 @@ def prune(
     from egp_deploy.prune.loop import PruneConfig, run_pruning
     from egp_deploy.prune.train import TrainConfig
 
+    instance = source if isinstance(source, nn.Module) else None
+    from_file = instance is None and _is_checkpoint_path(source)
+    if weights is not None and (from_file or instance is not None):
+        raise UsageError("--weights applies to a model reference, not to a checkpoint or a model instance")
     out = Path(out_dir)
-    # the folder is rank 0's (it writes every file of the run); the run's own input is never deleted
+    # the folder is rank 0's (it writes every file of the run); the run's own inputs are never deleted
+    keep = [p for p in (source, weights) if isinstance(p, (str, os.PathLike)) and Path(p).is_file()]
     lock = run_folder(out, resume=resume, force=force, command="egp-prune", run_files=PRUNE_RUN_FILES,
-                      keep=[source] if Path(source).is_file() else []) if is_main_process() else nullcontext()
+                      keep=keep) if is_main_process() else nullcontext()
     with lock:
         ctx = init_distributed(dist_backend)
         try:
@@ -176,30 +295,46 @@ def prune(
                               finetune=recipe(epochs, lr), entropy_mode=entropy_mode, calibration_batches=calibration_batches,
                               seed=seed, min_keep_cut=min_keep_cut, temperature=temperature)
             cfg.validate()
-            src = Path(source)
-            if src.suffix in (".pt", ".pth", ".ckpt") or src.exists():
+            if from_file:
                 if kwargs:
-                    raise UsageError("--arch-kwargs applies to an architecture name, not to a checkpoint")
-                start = load_checkpoint(src)
-                start.build_model()  # fail early (before loading data) on an unknown architecture or weights that do not fit
-                bundle = load_data(data or recorded_data_spec(start.metadata.get("data"), src, "--data") or "digits")
+                    raise UsageError("--arch-kwargs applies to a model reference, not to a checkpoint")
+                with trusting(everything=trust_module):
+                    start = load_checkpoint(Path(source))
+                    # fail early (before loading data): an unknown model, an untrusted module, weights that do not fit
+                    start.build_model()
+                trusted = start.arch if trust_module else ()
+                bundle = load_data(data or recorded_data_spec(start.metadata.get("data"), Path(source), "--data") or "digits")
                 if tuple(bundle.input_shape) != tuple(start.input_shape):
                     raise UsageError(f"data {bundle.spec} has samples of shape {bundle.input_shape}, "
                                      f"the checkpoint expects {tuple(start.input_shape)}")
-            elif str(source) in list_archs():
-                bundle = load_data(data or "digits")
+            else:
+                if instance is not None:  # a copy: the caller's model stays as it is
+                    ref, model = _instance_reference(instance, kwargs), copy.deepcopy(instance)
+                else:
+                    ref, model = str(_source_reference(str(source))), None
+                trusted = ref
+                spec = data or "digits"
+                bundle = load_data(spec)
+                with trusting(ref):
+                    if model is None:
+                        torch.manual_seed(seed)  # the initialisation train_dense gives
+                        model, kwargs = _build_for_data(ref, kwargs, bundle, weights)
+                    bundle = _fit_data(model, ref, bundle, spec)
                 dense_path = out / "dense.pt"
                 if resume and dense_path.is_file():
-                    start = load_checkpoint(dense_path, expected_arch=str(source))
+                    with trusting(ref):
+                        start = load_checkpoint(dense_path, expected_arch=ref)
                 else:
-                    start = train_dense(str(source), bundle, recipe(dense_epochs, dense_lr), kwargs, seed, ctx, progress)
+                    given_weights = instance is not None or weights is not None  # they are the dense model by default
+                    n_dense = dense_epochs if dense_epochs is not None else (0 if given_weights else 30)
+                    meta = ({"weights": str(weights)} if weights is not None else {}) | \
+                        ({"source": "model instance"} if instance is not None else {})
+                    start = _dense_checkpoint(model, ref, kwargs, bundle, recipe(n_dense, dense_lr), seed, ctx, progress, meta)
                     if ctx.is_main:
                         save_checkpoint(dense_path, start)
-                        log(f"dense {source}: test accuracy {start.metadata['test_acc']:.2f} % -> {dense_path}")
-            else:  # exit 8 like an unknown architecture anywhere else (a checkpoint's, a tool's --arch)
-                raise UnsupportedError(f"{str(source)!r} is neither a checkpoint file nor a known architecture "
-                                       f"({', '.join(list_archs())})")
-            return run_pruning(start, bundle, cfg, out, ctx, resume=resume, progress=progress)
+                        log(f"dense {ref}: test accuracy {start.metadata['test_acc']:.2f} % -> {dense_path}")
+            with trusting(trusted):  # the loop rebuilds the model from its checkpoints (and on --resume)
+                return run_pruning(start, bundle, cfg, out, ctx, resume=resume, progress=progress)
         except EgpError as e:
             if ctx.enabled and not ctx.is_main:
                 raise type(e)(f"(rank {ctx.rank}) {e}") from None
@@ -222,9 +357,11 @@ def export(
     tolerance: float = 1e-4,
     seed: int = 0,
     unsafe_pickle: bool = False,
+    trust_module: bool = False,
 ) -> ExportResult:
     """PyTorch model file -> verified ONNX ModelProto with provenance metadata (``.model``);
-    written atomically to ``output`` when given (nothing is written if the check fails)."""
+    written atomically to ``output`` when given (nothing is written if the check fails).
+    ``trust_module``: a checkpoint naming a ``package.module:factory`` may import it (runs its code)."""
     from egp_deploy.export import export_file, export_model, load_source, parse_input_shape
     from egp_deploy.validation import validate_options
 
@@ -233,8 +370,8 @@ def export(
     options = dict(batch_size=batch_size, exporter=exporter, rtol=tolerance, seed=seed)
     if output is not None:
         return export_file(model, output, input_shape=shape, dynamic_batch=dynamic_batch,
-                           unsafe_pickle=unsafe_pickle, **options)
-    return export_model(load_source(model, unsafe_pickle=unsafe_pickle), input_shape=shape,
+                           unsafe_pickle=unsafe_pickle, trust_module=trust_module, **options)
+    return export_model(load_source(model, unsafe_pickle=unsafe_pickle, trust_module=trust_module), input_shape=shape,
                         dynamic_batch=dynamic_batch, **options)
 
 
@@ -541,6 +678,7 @@ def deploy(
     exporter: str = "auto",
     export_tolerance: float = 1e-4,
     unsafe_pickle: bool = False,
+    trust_module: bool = False,
     build: bool = False,
     precision: str = "fp32",
     report: PathLike | None = None,
@@ -560,7 +698,8 @@ def deploy(
     CalibrationSet already loaded (the same inputs for many models). Every
     argument and output path is checked before any work, and the outputs are committed together at
     the end (a refused surgery leaves none of them; rerun with ``surgery=False`` to keep the exported
-    graph). ``log`` receives progress lines,
+    graph). ``trust_module``: a checkpoint naming a ``package.module:factory`` may import it (that
+    runs the module's code). ``log`` receives progress lines,
     ``stage(text)`` wraps each long stage (a spinner in a terminal)."""
     import torch
 
@@ -598,7 +737,7 @@ def deploy(
         t_all = time.perf_counter()
         with stage("loading the model"):
             t0 = time.perf_counter()
-            source = load_source(model_path, unsafe_pickle=unsafe_pickle)
+            source = load_source(model_path, unsafe_pickle=unsafe_pickle, trust_module=trust_module)
             seconds["load"] = time.perf_counter() - t0
         sample_shape = shape or source.input_shape
         data_spec = (source.metadata or {}).get("data")

@@ -2,7 +2,9 @@
 
     format          "egp-deploy-checkpoint"
     format_version  1
-    arch            registry name, e.g. "resnet18"
+    arch            the model reference: a zoo name ("resnet18"), "torchvision:NAME", "timm:NAME" or
+                    "package.module:factory" (see egp_deploy.archs.references; building the last one
+                    imports a module, so only where the user trusts it)
     arch_kwargs     keyword arguments of the constructor (JSON-like)
     state_dict      weights with pruning masks folded in (pruned weights are exact zeros)
     input_shape     [C, H, W] of one sample
@@ -19,8 +21,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from egp_deploy.archs import create_model
-from egp_deploy.errors import InputFileError
+from egp_deploy.archs.references import build_model as build_reference
+from egp_deploy.errors import InputFileError, first_words
 from egp_deploy.io_utils import atomic_path
 
 FORMAT = "egp-deploy-checkpoint"
@@ -35,10 +37,13 @@ class Checkpoint:
     input_shape: tuple[int, ...]
     num_classes: int
     metadata: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = field(default=None, compare=False)  # the file it was read from (not stored)
 
     def build_model(self) -> nn.Module:
-        """Instantiate the architecture and load the weights; eval mode."""
-        model = create_model(self.arch, **self.arch_kwargs)
+        """Instantiate the architecture and load the weights; eval mode. A ``package.module:factory``
+        reference is built only where it is trusted (:func:`egp_deploy.archs.references.trusting`)."""
+        origin = str(self.path) if self.path is not None else "the checkpoint"
+        model = build_reference(self.arch, self.arch_kwargs, origin=origin)
         try:
             model.load_state_dict(self.state_dict, strict=True)
         except RuntimeError:
@@ -132,7 +137,37 @@ def load_checkpoint(path: str | Path, expected_arch: str | None = None) -> Check
         raise InputFileError(f"{path} lacks checkpoint fields: {', '.join(missing)}")
     if expected_arch is not None and obj["arch"] != expected_arch:
         raise InputFileError(f"{path} holds architecture {obj['arch']!r}, expected {expected_arch!r}")
+    if not isinstance(obj["arch"], str) or not isinstance(obj["arch_kwargs"], dict):
+        raise InputFileError(f"{path} has a malformed model reference (arch {type(obj['arch']).__name__}, "
+                             f"arch_kwargs {type(obj['arch_kwargs']).__name__})")
     return Checkpoint(
         obj["arch"], dict(obj["arch_kwargs"]), obj["state_dict"], tuple(obj["input_shape"]),
-        int(obj["num_classes"]), dict(obj.get("metadata") or {}),
+        int(obj["num_classes"]), dict(obj.get("metadata") or {}), path,
     )
+
+
+def load_weights(model: nn.Module, path: str | Path, what: str = "the model") -> nn.Module:
+    """Load a state_dict file into ``model`` weights-only (a file that pickles anything beyond
+    tensors is refused, nothing of it runs). Accepted: the state_dict itself, or a dict holding it
+    under "state_dict" or "model" (training scripts' checkpoints, egp-deploy's own)."""
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(f"weights file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputFileError(f"{path} pickles Python objects beyond tensors; --weights loads a plain state_dict "
+                             "only (weights-only: nothing in the file runs)") from None
+    except Exception as e:  # a truncated or foreign file
+        raise InputFileError(f"{path} is not a readable weights file ({type(e).__name__}: {first_words(e, 160)})") from None
+    if isinstance(obj, dict):
+        obj = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), obj)
+    if not (isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())):
+        raise InputFileError(f"{path} holds no state_dict (a dict of named tensors)")
+    try:
+        model.load_state_dict(obj, strict=True)
+    except RuntimeError:
+        raise InputFileError(f"{path} does not fit {what}: {describe_mismatch(model.state_dict(), obj)}") from None
+    return model

@@ -150,8 +150,10 @@ def _looks_like_onnx(path: Path, size: int) -> bool:
     return bool(m.graph.node) or m.ir_version > 0 and bool(m.opset_import)
 
 
-def load_source(path: str | os.PathLike, unsafe_pickle: bool = False) -> SourceModel:
-    """Load any supported source; every failure a user can cause is one InputFileError line."""
+def load_source(path: str | os.PathLike, unsafe_pickle: bool = False, trust_module: bool = False) -> SourceModel:
+    """Load any supported source; every failure a user can cause is one InputFileError line.
+    ``trust_module``: a checkpoint whose model reference is a ``package.module:factory`` may
+    import it (that runs the module's code); refused otherwise, nothing imported."""
     path = Path(path)
     kind = detect_kind(path)
     digest = sha256_file(path)
@@ -176,10 +178,10 @@ def load_source(path: str | os.PathLike, unsafe_pickle: bool = False) -> SourceM
             raise InputFileError(f"{path} is a damaged torch.export archive ({_first_line(e)})") from None
         shape, dynamic = _exported_input_shape(ep)
         return SourceModel("exported", path, digest, ep, input_shape=shape, dynamic_batch=dynamic)
-    return _load_torch_save(path, digest, unsafe_pickle)
+    return _load_torch_save(path, digest, unsafe_pickle, trust_module)
 
 
-def _load_torch_save(path: Path, digest: str, unsafe_pickle: bool) -> SourceModel:
+def _load_torch_save(path: Path, digest: str, unsafe_pickle: bool, trust_module: bool = False) -> SourceModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -190,11 +192,14 @@ def _load_torch_save(path: Path, digest: str, unsafe_pickle: bool) -> SourceMode
     except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as e:
         raise InputFileError(f"{path} is a truncated or damaged PyTorch file ({_first_line(e)})") from None
     if isinstance(obj, dict) and obj.get("format") == "egp-deploy-checkpoint":
+        from egp_deploy.archs.references import trusting
         from egp_deploy.checkpoint import load_checkpoint
 
         ckpt = load_checkpoint(path)
+        with trusting(everything=trust_module):
+            model = ckpt.build_model()
         return SourceModel(
-            "checkpoint", path, digest, ckpt.build_model(), input_shape=tuple(ckpt.input_shape), arch=ckpt.arch,
+            "checkpoint", path, digest, model, input_shape=tuple(ckpt.input_shape), arch=ckpt.arch,
             arch_kwargs=dict(ckpt.arch_kwargs), num_classes=ckpt.num_classes, metadata=dict(ckpt.metadata),
         )
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -664,11 +669,12 @@ def export_file(
     input_shape: Sequence[int] | None = None,
     dynamic_batch: bool = False,
     unsafe_pickle: bool = False,
+    trust_module: bool = False,
     **kw: Any,
 ) -> ExportResult:
     """Load, export, verify, then write ``out_path`` atomically (nothing is written on failure)."""
     check_output_path(source_path, out_path)
-    source = load_source(source_path, unsafe_pickle=unsafe_pickle)
+    source = load_source(source_path, unsafe_pickle=unsafe_pickle, trust_module=trust_module)
     result = export_model(source, input_shape=input_shape, dynamic_batch=dynamic_batch, **kw)
     t0 = time.perf_counter()
     write_bytes_atomic(out_path, result.model.SerializeToString())

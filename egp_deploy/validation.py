@@ -164,7 +164,7 @@ RANGES: dict[str, dict[str, Option]] = {
               "patience": ("--patience", Range(1, 1000, integer=True)),
               "epochs": ("--epochs", Range(0, 100_000, integer=True)),
               "lr": ("--lr", POSITIVE),  # no upper bound: a diverging rate is caught as a NaN loss (exit 6)
-              "dense_epochs": ("--dense-epochs", Range(0, 100_000, integer=True)),
+              "dense_epochs": ("--dense-epochs", Range(0, 100_000, integer=True, optional=True)),
               "dense_lr": ("--dense-lr", POSITIVE),
               "batch_size": ("--batch-size", Range(1, 10**6, integer=True)),
               "momentum": ("--momentum", Range(0, 1, high_open=True)),
@@ -293,12 +293,14 @@ def check_not_inside_run(source: str | os.PathLike, out_dir: str | os.PathLike, 
 PRUNE_RUN_FILES = r"iter_\d+\.pt|best\.pt|dense\.pt|log\.json|entropy\.png"  # what egp-prune writes into OUT
 
 
-def check_prune_paths(source: str | os.PathLike, out: str | os.PathLike) -> None:
-    """egp-prune's outputs: OUT a folder that can be written, and not the folder SOURCE is a file of."""
-    src = Path(source)
-    check_outputs([src if src.exists() else None], {"--out": out}, folders=("--out",))
-    # dense.pt is written only when SOURCE is an architecture name: from it, a run may go on in place
-    check_not_inside_run(src, out, r"iter_\d+\.pt|best\.pt|log\.json|entropy\.png")
+def check_prune_paths(source: Any, out: str | os.PathLike, weights: str | os.PathLike | None = None) -> None:
+    """egp-prune's outputs: OUT a folder that can be written, and not the folder SOURCE (a checkpoint
+    file, or a model reference / instance) or WEIGHTS is a file of."""
+    files = [Path(p) for p in (source, weights) if isinstance(p, (str, os.PathLike)) and Path(p).exists()]
+    check_outputs(files or [None], {"--out": out}, folders=("--out",))
+    # dense.pt is written only when SOURCE is a model reference: from it, a run may go on in place
+    for src in files:
+        check_not_inside_run(src, out, r"iter_\d+\.pt|best\.pt|log\.json|entropy\.png")
 
 
 def check_build_paths(onnx_model: str | os.PathLike, engine: str | os.PathLike | None,

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from zoo_imports import timm, vision
+from zoo_imports import import_timm, import_torchvision
 
 from egp_deploy.prune import Pruner
 
@@ -54,7 +54,7 @@ def blocks(model: nn.Module, cls) -> list[str]:
 
 @pytest.mark.parametrize("arch, per_block", [("resnet18", 2), ("resnet50", 3)])
 def test_torchvision_resnet_shared_relu_is_one_site_per_call(arch, per_block):
-    tv = vision()
+    tv = import_torchvision().models
     model = getattr(tv, arch)(num_classes=10)
     cls = tv.resnet.BasicBlock if per_block == 2 else tv.resnet.Bottleneck
     names = blocks(model, cls)
@@ -69,7 +69,7 @@ def test_torchvision_resnet_shared_relu_is_one_site_per_call(arch, per_block):
 
 
 def test_torchvision_mobilenet_v3_small():
-    tv = vision()
+    tv = import_torchvision().models
     model = tv.mobilenet_v3_small(num_classes=10)
     # ReLU blocks 1-3: block 1 (no expansion) dw + its SE's squeeze, blocks 2-3 expand + dw (5 in-block);
     # Hardswish is not a site; every one of the 9 SE modules squeezes through a ReLU: 14
@@ -83,7 +83,7 @@ def test_torchvision_mobilenet_v3_small():
 
 
 def test_torchvision_efficientnet_b0_silu_and_squeeze_excite():
-    tv = vision()
+    tv = import_torchvision().models
     model = tv.efficientnet_b0(num_classes=10)
     mb = blocks(model, tv.efficientnet.MBConv)
     # stem + head + per MBConv: dw and SE squeeze, and the expand conv where the ratio is not 1 (15 of 16)
@@ -94,7 +94,7 @@ def test_torchvision_efficientnet_b0_silu_and_squeeze_excite():
 
 
 def test_torchvision_regnet_shortcut_operand_first():
-    tv = vision()
+    tv = import_torchvision().models
     model = tv.regnet_x_400mf(num_classes=10)
     res = blocks(model, tv.regnet.ResBottleneckBlock)
     p = check(model, 1 + 3 * len(res))  # stem + a, b and the post-add activation of each block
@@ -106,7 +106,7 @@ def test_torchvision_regnet_shortcut_operand_first():
 
 
 def test_torchvision_shufflenet_v2():
-    tv = vision()
+    tv = import_torchvision().models
     model = tv.shufflenet_v2_x0_5(num_classes=10)
     units = blocks(model, tv.shufflenetv2.InvertedResidual)
     firsts = [u for u in units if u.endswith(".0")]
@@ -115,7 +115,7 @@ def test_torchvision_shufflenet_v2():
 
 
 def test_torchvision_densenet121_concatenation_feeds_nothing():
-    tv = vision()
+    tv = import_torchvision().models
     model = tv.densenet121(num_classes=10)
     layers = blocks(model, tv.densenet._DenseLayer)
     transitions = blocks(model, tv.densenet._Transition)
@@ -130,7 +130,7 @@ def test_torchvision_densenet121_concatenation_feeds_nothing():
 
 
 def test_torchvision_convnext_gelu_after_permute_and_layernorm():
-    tv = vision()
+    tv = import_torchvision().models
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
     model = ConvNeXt([CNBlockConfig(16, 32, 2), CNBlockConfig(32, None, 2)], num_classes=10)
@@ -141,7 +141,7 @@ def test_torchvision_convnext_gelu_after_permute_and_layernorm():
 
 
 def test_torchvision_vit_attention_never_prunable():
-    vision()
+    import_torchvision()
     from torchvision.models.vision_transformer import VisionTransformer
 
     model = VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10)
@@ -153,7 +153,7 @@ def test_torchvision_vit_attention_never_prunable():
 
 
 def test_torchvision_swin_channel_last_tokens():
-    tv = vision()
+    tv = import_torchvision().models
     from torchvision.models.swin_transformer import SwinTransformer
 
     model = SwinTransformer([4, 4], 16, [2, 2], [2, 2], [4, 4], num_classes=10)
@@ -168,7 +168,7 @@ def test_torchvision_swin_channel_last_tokens():
 
 @pytest.mark.parametrize("arch, se", [("resnet18", False), ("seresnet18", True)])
 def test_timm_resnet_and_squeeze_excite(arch, se):
-    t = timm()
+    t = import_timm()
     model = t.create_model(arch, num_classes=10)
     names = blocks(model, t.models.resnet.BasicBlock)
     p = check(model, 1 + (3 if se else 2) * len(names))
@@ -181,7 +181,7 @@ def test_timm_resnet_and_squeeze_excite(arch, se):
 
 
 def test_timm_efficientnet_activation_inside_batchnorm_module():
-    t = timm()
+    t = import_timm()
     model = t.create_model("efficientnet_b0", num_classes=10)
     p = check(model, 49)  # as torchvision's: stem, head, 16 dw, 16 SE squeezes, 15 expansions
     assert {n.rsplit(".", 1)[-1] for n in p.layers} == {"conv_stem", "conv_head", "conv_dw", "conv_reduce", "conv_pw"}
@@ -189,7 +189,7 @@ def test_timm_efficientnet_activation_inside_batchnorm_module():
 
 
 def test_timm_convnext_vit_mixer():
-    t = timm()
+    t = import_timm()
     from timm.models.mlp_mixer import MlpMixer
 
     convnext = check(t.create_model("convnext_atto", num_classes=10), 2 + 2 + 6 + 2)

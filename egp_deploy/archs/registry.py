@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Callable
 
 import torch.nn as nn
@@ -20,11 +21,18 @@ def list_archs() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def close_matches(name: str, known: list[str]) -> str:
+    """' (did you mean a, b?)' for the known names closest to a mistyped one, else ''."""
+    near = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(near)}?)" if near else ""
+
+
 def check_arch(name: str) -> str:
     """``name`` if it is a registered architecture. An unknown one is UnsupportedError (exit 8)
     wherever it comes from: a command line, a tool's option or a checkpoint."""
     if name not in _REGISTRY:
-        raise UnsupportedError(f"unknown architecture {name!r}; known: {', '.join(list_archs())}")
+        raise UnsupportedError(f"unknown architecture {name!r}{close_matches(name, list_archs())}; "
+                               f"known: {', '.join(list_archs())}")
     return name
 
 

@@ -60,6 +60,7 @@ def export(
     samples: int = typer.Option(256, "--samples", help="Calibration samples (and as many held-out samples)."),
     no_surgery: bool = typer.Option(False, "--no-surgery", help="Only export and verify; skip the graph surgery."),
     unsafe_pickle: bool = typer.Option(False, "--unsafe-pickle", help="Load files that are code, not data: a pickled nn.Module, a TorchScript program, a .pt2 that fails its check. Loading them RUNS ARBITRARY CODE from the file."),
+    trust_module: bool = typer.Option(False, "--trust-module", help="Let a checkpoint whose model is package.module:factory import and call it: that RUNS the module's code. Not needed for zoo, torchvision: or timm: models."),
     build: bool = typer.Option(False, "--build", help="Also build a TensorRT engine (OUT.egp.engine) when TensorRT and a GPU are present."),
     precision: Precision = typer.Option("fp32", "--precision", help="Engine precision for --build: fp32 or fp16."),
     report: Optional[Path] = typer.Option(None, "--report", help="JSON report path (default: OUT.egp.json; OUT.export.json with --no-surgery)."),
@@ -87,7 +88,7 @@ def export(
     result = deploy(
         model, output, calibration=calibration, samples=samples, surgery=not no_surgery,
         options={**parse_surgery_settings(settings), **pass_selection(skip, only)}, input_shape=input_shape, dynamic_batch=dynamic_batch,
-        batch_size=batch_size, exporter=_value(exporter), export_tolerance=export_tolerance, unsafe_pickle=unsafe_pickle,
+        batch_size=batch_size, exporter=_value(exporter), export_tolerance=export_tolerance, unsafe_pickle=unsafe_pickle, trust_module=trust_module,
         build=build, precision=_value(precision), report=report, plot=plot, threads=threads, seed=seed,
         progress=console.is_terminal, log=say,
         stage=lambda text: console.status(text) if console.is_terminal else _nothing(),

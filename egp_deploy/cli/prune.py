@@ -19,8 +19,8 @@ DistBackend = choices("DistBackend", ("auto", "nccl", "gloo"))
 app = new_app(
     "Prune a model with EGP (Entropy-Guided Pruning: the per-iteration budget goes to layers whose "
     "rectifiers already have low entropy, so whole layers collapse) or with the IMP baseline (global L1). "
-    "SOURCE is an architecture name (a dense model is trained first, --dense-epochs) or an egp-deploy "
-    "checkpoint. Each iteration measures entropy on the calibration (val) split, prunes, fine-tunes and "
+    "SOURCE is a model reference (a dense model is trained first, --dense-epochs, or loaded from --weights) "
+    "or an egp-deploy checkpoint. Each iteration measures entropy on the calibration (val) split, prunes, fine-tunes and "
     "evaluates; OUT gets iter_NN.pt per iteration, best.pt, log.json and entropy.png. "
     "Under torchrun (python -m torch.distributed.run --nproc_per_node=N -m egp_deploy.cli prune ...) it runs "
     "data-parallel; --batch-size is then per rank."
@@ -29,7 +29,7 @@ app = new_app(
 
 @app.command()
 def prune(
-    source: str = typer.Argument(..., help="Architecture name (resnet18, mobilenet_v2, vgg16_bn, vit_tiny) or a checkpoint .pt."),
+    source: str = typer.Argument(..., help="A model reference: a built-in architecture (resnet18, mobilenet_v2, vgg16_bn, vit_tiny, ...), torchvision:NAME, timm:NAME (the [zoo] extra) or package.module:factory (your own code, importable from PYTHONPATH); or an egp-deploy checkpoint .pt."),
     out: Path = typer.Option(Path("runs/prune"), "--out", "-o", help="Output folder (checkpoints, log.json, entropy.png)."),
     method: Method = typer.Option("egp", "--method", "-m", help="egp (entropy-guided budget) or imp (global L1 baseline)."),
     data: Optional[str] = typer.Option(None, "--data", "-d", help="digits (bundled, default), cifar10:DIR, folder:DIR or plugin:module:function. Default: the checkpoint's data, else digits."),
@@ -41,7 +41,7 @@ def prune(
     patience: int = typer.Option(1, "--patience", help="With --tolerance: stop only after this many consecutive iterations beyond it."),
     epochs: int = typer.Option(8, "--epochs", "-e", help="Fine-tuning epochs after each pruning step."),
     lr: float = typer.Option(0.05, "--lr", help="Fine-tuning learning rate (SGD)."),
-    dense_epochs: int = typer.Option(30, "--dense-epochs", help="Epochs to train the dense model when SOURCE is an architecture name."),
+    dense_epochs: Optional[int] = typer.Option(None, "--dense-epochs", help="Epochs to train the dense model when SOURCE is a model reference. Default: 30, or 0 with --weights (the weights are the dense model)."),
     dense_lr: float = typer.Option(0.05, "--dense-lr", help="Learning rate of the dense training."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", help="Training batch size (per rank under torchrun)."),
     momentum: float = typer.Option(0.9, "--momentum", help="SGD momentum (dense training and fine-tuning)."),
@@ -49,7 +49,9 @@ def prune(
     schedule: Schedule = typer.Option("cosine", "--schedule", help="Per-epoch LR schedule: cosine, step (x0.1 at 50%/75%) or constant."),
     entropy_mode: EntropyMode = typer.Option("dataset", "--entropy-mode", help="dataset: one p per channel over the whole split (batch-size independent); batch: mean of per-batch entropies (the official code)."),
     calibration_batches: Optional[int] = typer.Option(None, "--calibration-batches", help="Limit entropy measurement to this many batches of 256 (default: the whole val split)."),
-    arch_kwargs: Optional[str] = typer.Option(None, "--arch-kwargs", help="Architecture knobs, e.g. width=16 (only with an architecture name)."),
+    arch_kwargs: Optional[str] = typer.Option(None, "--arch-kwargs", help="Keyword arguments of the model's constructor, e.g. width=16 (only with a model reference). num_classes (and in_channels / timm's in_chans where the constructor has them) follow the data unless given."),
+    weights: Optional[Path] = typer.Option(None, "--weights", metavar="FILE", help="A state_dict file to start the model reference from, loaded weights-only (a file that pickles anything beyond tensors is refused)."),
+    trust_module: bool = typer.Option(False, "--trust-module", help="Let a checkpoint that names package.module:factory import and call it: that RUNS the module's code. Not needed for zoo, torchvision: or timm: models."),
     seed: int = typer.Option(0, "--seed", help="Seeds initialisation, shuffling and fine-tuning."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its last finished iteration."),
     force: bool = typer.Option(False, "--force", help="Replace the run OUT holds (its checkpoints, log and plot are deleted first). Without --resume or --force a folder holding a run is refused."),
@@ -66,7 +68,7 @@ def prune(
         patience=patience, epochs=epochs, lr=lr, dense_epochs=dense_epochs, dense_lr=dense_lr, batch_size=batch_size,
         momentum=momentum, weight_decay=weight_decay, schedule=_value(schedule), entropy_mode=_value(entropy_mode),
         calibration_batches=calibration_batches, min_keep_cut=min_keep_cut, temperature=temperature,
-        arch_kwargs=arch_kwargs, seed=seed, resume=resume, force=force, dist_backend=_value(dist_backend), progress=not quiet,
+        arch_kwargs=arch_kwargs, weights=weights, trust_module=trust_module, seed=seed, resume=resume, force=force, dist_backend=_value(dist_backend), progress=not quiet,
         log=stdout.print,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
