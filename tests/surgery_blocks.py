@@ -198,3 +198,25 @@ class MixerNet(nn.Module):
         x = self.stem(x).flatten(2).transpose(1, 2)
         x = self.blocks(x)
         return self.head(self.norm(x).mean(1))
+
+
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def layer_count(model: onnx.ModelProto) -> int:
+    return sum(n.op_type in LAYER_OPS for n in model.graph.node)
+
+
+def assert_report_honest(model: onnx.ModelProto, result) -> None:
+    """The report claims only what happened: the layers it lists as removed are gone (and their
+    number is the drop in the layer count), every narrowing it lists names layers that are still
+    there, and the dense MACs did not go up."""
+    report, out = result.report, result.model
+    remaining = {n.name for n in out.graph.node}
+    assert report["summary"]["layers_removed"] == layer_count(model) - layer_count(out)
+    assert report["after"]["conv_gemm_layers"] == layer_count(out)
+    for rec in report["changes"]["dead_channels"]:
+        assert set(rec["producers"]) <= remaining and set(rec["readers"]) <= remaining, rec
+    for rec in report["changes"]["mlp_units"]:
+        assert {rec["fc1"], rec["fc2"]} <= remaining, rec
+    assert report["after"]["macs_dense"] <= report["before"]["macs_dense"]

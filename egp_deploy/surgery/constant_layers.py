@@ -34,7 +34,7 @@ def constant_layers_to_constants(graph: gs.Graph, module_of: Callable[[str], str
     A channel Concat that the constant reaches loses that input: its readers absorb it."""
     info = constant_channels(graph)
     records = []
-    concats: dict[str, tuple[gs.Node, dict[str, Any]]] = {}
+    concats: dict[str, tuple[gs.Node, list[dict[str, Any]]]] = {}  # Concat reached -> the records that reached it
     for node in list(graph.nodes):
         if not node.outputs or len(node.outputs) != 1:
             continue
@@ -58,14 +58,16 @@ def constant_layers_to_constants(graph: gs.Graph, module_of: Callable[[str], str
                       "folded_nodes": names, "folded_modules": [module_of(n) or n for n in names]}
             records.append(record)
             for c in reached:
-                concats.setdefault(c.name, (c, record))
+                concats.setdefault(c.name, (c, []))[1].append(record)
     # Only now, with every constant in place: a Concat two constant branches reach may be all constant
     # (then it was folded as part of the second closure and stays as it is).
     constant = sample_independent(graph)
-    for concat, record in concats.values():
+    for concat, reached_by in concats.values():
         done = absorb_concat_constants(graph, concat, constant)
         if done:
-            record.setdefault("concats", []).append(done)
+            done["reader_modules"] = [module_of(n) or n for n in done["readers"]]
+            for record in reached_by:
+                record.setdefault("concats", []).append(done)
     return records
 
 
