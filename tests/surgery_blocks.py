@@ -56,11 +56,11 @@ class DenseBlock(nn.Module):
     """Stem, ``layers`` dense layers (each reads the concatenation of all before it), transition 1x1
     conv, pooled head. Layers: 1 + 2 * layers + 1 + 1 (Gemm)."""
 
-    def __init__(self, layers: int = 3, stem: int = 8, growth: int = 8) -> None:
+    def __init__(self, layers: int = 3, stem: int = 8, growth: int = 8, in_channels: int = 3) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
-        self.stem = nn.Conv2d(3, stem, 3, padding=1)
+        self.stem = nn.Conv2d(in_channels, stem, 3, padding=1)
         self.layers = nn.Sequential(*[DenseLayer(stem + i * growth, growth, g) for i in range(layers)])
         width = stem + layers * growth
         self.norm = _bn_randomized(nn.BatchNorm2d(width), g)
@@ -77,10 +77,10 @@ class InceptionBlock(nn.Module):
     """Stem, four branches (1x1; 1x1 -> 3x3; 1x1 -> 5x5; maxpool -> 1x1), concatenated, a 3x3 conv
     reading the concatenation, pooled head. Layers: 1 + 6 + 1 + 1 (Gemm)."""
 
-    def __init__(self, stem: int = 8) -> None:
+    def __init__(self, stem: int = 8, in_channels: int = 3) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.stem = nn.Conv2d(3, stem, 3, padding=1)
+        self.stem = nn.Conv2d(in_channels, stem, 3, padding=1)
         self.b1 = nn.Conv2d(stem, 8, 1)
         self.b2a, self.b2b = nn.Conv2d(stem, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
         self.b3a, self.b3b = nn.Conv2d(stem, 4, 1), nn.Conv2d(4, 8, 5, padding=2)
@@ -117,10 +117,10 @@ class Fire(nn.Module):
 class FireNet(nn.Module):
     """Stem, two fire modules, classifier conv, pooled. Layers: 1 + 3 + 3 + 1."""
 
-    def __init__(self) -> None:
+    def __init__(self, in_channels: int = 3) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.stem = nn.Conv2d(in_channels, 16, 3, padding=1)
         self.fire1 = Fire(16, 8, 16)
         self.fire2 = Fire(32, 8, 16)
         self.classifier = nn.Conv2d(32, 10, 1)
@@ -152,10 +152,10 @@ class ConvNeXtBlock(nn.Module):
 class ConvNeXtNet(nn.Module):
     """Patchify stem, ``blocks`` ConvNeXt blocks, pooled LayerNorm head. Layers: 1 + 3 * blocks + 1."""
 
-    def __init__(self, dim: int = 16, blocks: int = 2) -> None:
+    def __init__(self, dim: int = 16, blocks: int = 2, in_channels: int = 3) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.stem = nn.Conv2d(3, dim, 4, stride=4)
+        self.stem = nn.Conv2d(in_channels, dim, 4, stride=4)
         self.blocks = nn.Sequential(*[ConvNeXtBlock(dim) for _ in range(blocks)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 10)
@@ -185,11 +185,11 @@ class MixerBlock(nn.Module):
 class MixerNet(nn.Module):
     """Patchify stem to (N, L, C) tokens, ``blocks`` mixer blocks, pooled head. Layers: 1 + 4 * blocks + 1."""
 
-    def __init__(self, dim: int = 16, blocks: int = 2, patch: int = 8, size: int = 32) -> None:
+    def __init__(self, dim: int = 16, blocks: int = 2, patch: int = 8, size: int = 32, in_channels: int = 3) -> None:
         super().__init__()
         torch.manual_seed(0)
         tokens = (size // patch) ** 2
-        self.stem = nn.Conv2d(3, dim, patch, stride=patch)
+        self.stem = nn.Conv2d(in_channels, dim, patch, stride=patch)
         self.blocks = nn.Sequential(*[MixerBlock(tokens, dim) for _ in range(blocks)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 10)
@@ -198,6 +198,34 @@ class MixerNet(nn.Module):
         x = self.stem(x).flatten(2).transpose(1, 2)
         x = self.blocks(x)
         return self.head(self.norm(x).mean(1))
+
+
+def collapsed(name: str, in_channels: int = 3) -> nn.Module:
+    """The block ``name`` with the collapse the tests plant (all-zero layers, as EGP leaves them)."""
+    with torch.no_grad():
+        if name == "dense":  # two dense layers' outputs constant: slices of every later Concat
+            net = DenseBlock(layers=3, in_channels=in_channels)
+            net.layers[0].conv2.weight.zero_()
+            net.layers[1].conv2.weight.zero_()
+        elif name == "inception":
+            net = InceptionBlock(in_channels=in_channels)
+            net.b1.weight.zero_()  # a uniform constant: relu(bias)
+            net.b2a.weight.zero_()  # then b2b's padded 3x3 makes the branch a non-uniform constant map
+        elif name == "fire":
+            net = FireNet(in_channels=in_channels)
+            net.fire1.expand3x3.weight.zero_()
+            net.fire2.expand1x1.weight.zero_()
+        elif name == "convnext":
+            net = ConvNeXtNet(dim=16, blocks=3, in_channels=in_channels)
+            net.blocks[0].pwconv2.weight.zero_()  # the branch is fc2's bias, times the layer scale
+            net.blocks[2].pwconv1.weight.zero_()  # GELU(b1) @ W2 + b2, times the layer scale
+        elif name == "mixer":
+            net = MixerNet(dim=16, blocks=2, in_channels=in_channels)
+            net.blocks[0].token_fc2.weight.zero_()
+            net.blocks[1].token_fc1.weight.zero_()
+        else:
+            raise KeyError(name)
+    return net.eval()
 
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")

@@ -13,38 +13,14 @@ import torch.nn as nn
 
 from egp_deploy.surgery import SurgeryOptions, optimize
 from egp_deploy.surgery.concat_constants import absorb_concat_constants, concat_region, sample_independent
-from surgery_blocks import DenseBlock, FireNet, InceptionBlock, assert_report_honest, export, layer_count
+from surgery_blocks import DenseBlock, FireNet, InceptionBlock, assert_report_honest, collapsed, export, layer_count
 from test_surgery_helpers import apply, export_module, graph_of, outputs, randn, rel_error
 
 EXACT = SurgeryOptions(batch_size=8, strip_activations=False)
 SHAPE = (1, 3, 16, 16)
 
 
-def _dense() -> nn.Module:
-    net = DenseBlock(layers=3)
-    with torch.no_grad():  # two dense layers' outputs constant: slices of every later Concat
-        net.layers[0].conv2.weight.zero_()
-        net.layers[1].conv2.weight.zero_()
-    return net.eval()
-
-
-def _inception() -> nn.Module:
-    net = InceptionBlock()
-    with torch.no_grad():
-        net.b1.weight.zero_()  # a uniform constant: relu(bias)
-        net.b2a.weight.zero_()  # then b2b's padded 3x3 makes the branch a non-uniform constant map
-    return net.eval()
-
-
-def _fire() -> nn.Module:
-    net = FireNet()
-    with torch.no_grad():
-        net.fire1.expand3x3.weight.zero_()
-        net.fire2.expand1x1.weight.zero_()
-    return net.eval()
-
-
-# Layer counts an exact surgery can reach, by hand:
+# Layer counts an exact surgery can reach from surgery_blocks.collapsed(name), by hand:
 # dense: stem + 3 x (conv1, conv2) + transition + head = 9; layers 0 and 1 have conv2 all zero, so
 #        conv2 is a constant and conv1, read only by it, is dead: 9 - 4 = 5.
 # inception: stem + b1 + b2a, b2b + b3a, b3b + b4 + mix + head = 9; branch 1 and all of branch 2
@@ -52,16 +28,16 @@ def _fire() -> nn.Module:
 # fire: stem + 2 x (squeeze, expand1x1, expand3x3) + classifier = 8; one expand of each fire is
 #        constant: 8 - 2 = 6.
 BLOCKS = {
-    "dense": (_dense, 9, 5, {"layers.0.conv1", "layers.0.conv2", "layers.1.conv1", "layers.1.conv2"}),
-    "inception": (_inception, 9, 6, {"b1", "b2a", "b2b"}),
-    "fire": (_fire, 8, 6, {"fire1.expand3x3", "fire2.expand1x1"}),
+    "dense": (9, 5, {"layers.0.conv1", "layers.0.conv2", "layers.1.conv1", "layers.1.conv2"}),
+    "inception": (9, 6, {"b1", "b2a", "b2b"}),
+    "fire": (8, 6, {"fire1.expand3x3", "fire2.expand1x1"}),
 }
 
 
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_constant_branch_into_concat_folds_exactly(name):
-    build, before, after, removed = BLOCKS[name]
-    net = build()
+    before, after, removed = BLOCKS[name]
+    net = collapsed(name)
     model = export(net, SHAPE, dynamo=False)
     cal, held = randn(16, *SHAPE[1:]), randn(8, *SHAPE[1:], seed=1)
     res = optimize(model, cal, held, EXACT)
@@ -81,8 +57,8 @@ def test_constant_branch_into_concat_folds_exactly(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_both_exporters_reach_the_same_counts(name):
-    build, before, after, _ = BLOCKS[name]
-    net = build()
+    before, after, _ = BLOCKS[name]
+    net = collapsed(name)
     cal = randn(8, *SHAPE[1:])
     counts = []
     for dynamo in (False, True):

@@ -14,45 +14,29 @@ import torch.nn as nn
 
 from egp_deploy.surgery import SurgeryOptions, optimize
 from egp_deploy.surgery.constant_layers import _keeps_batch_axis
-from surgery_blocks import ConvNeXtNet, MixerNet, assert_report_honest, export, layer_count
+from surgery_blocks import ConvNeXtNet, MixerNet, assert_report_honest, collapsed, export, layer_count
 from test_surgery_helpers import export_module, outputs, randn, rel_error
 
 EXACT = SurgeryOptions(batch_size=8, strip_activations=False)
 SHAPE = (1, 3, 32, 32)
 
 
-def _convnext() -> nn.Module:
-    net = ConvNeXtNet(dim=16, blocks=3)
-    with torch.no_grad():
-        net.blocks[0].pwconv2.weight.zero_()  # the branch is fc2's bias, times the layer scale
-        net.blocks[2].pwconv1.weight.zero_()  # GELU(b1) @ W2 + b2, times the layer scale
-    return net.eval()
-
-
-def _mixer() -> nn.Module:
-    net = MixerNet(dim=16, blocks=2)
-    with torch.no_grad():
-        net.blocks[0].token_fc2.weight.zero_()
-        net.blocks[1].token_fc1.weight.zero_()
-    return net.eval()
-
-
-# Layer counts an exact surgery can reach, by hand:
+# Layer counts an exact surgery can reach from surgery_blocks.collapsed(name), by hand:
 # convnext: stem + 3 x (dwconv, pwconv1, pwconv2) + head = 11; blocks 0 and 2 add a constant to
 #        their input, so their three layers go (the depthwise conv and the MLP read only each other):
 #        11 - 6 = 5.
 # mixer: stem + 2 x (token fc1, fc2, channel fc1, fc2) + head = 10; both token-mixing MLPs are
 #        constant: 10 - 4 = 6 (the channel-mixing MLPs are live).
 BLOCKS = {
-    "convnext": (_convnext, 11, 5, {f"blocks.{b}.{m}" for b in (0, 2) for m in ("dwconv", "pwconv1", "pwconv2")}),
-    "mixer": (_mixer, 10, 6, {f"blocks.{b}.token_fc{i}" for b in (0, 1) for i in (1, 2)}),
+    "convnext": (11, 5, {f"blocks.{b}.{m}" for b in (0, 2) for m in ("dwconv", "pwconv1", "pwconv2")}),
+    "mixer": (10, 6, {f"blocks.{b}.token_fc{i}" for b in (0, 1) for i in (1, 2)}),
 }
 
 
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_collapsed_mlp_behind_layout_ops_folds_exactly(name):
-    build, before, after, removed = BLOCKS[name]
-    net = build()
+    before, after, removed = BLOCKS[name]
+    net = collapsed(name)
     model = export(net, SHAPE, dynamo=False)
     cal, held = randn(16, *SHAPE[1:]), randn(8, *SHAPE[1:], seed=1)
     res = optimize(model, cal, held, EXACT)
@@ -70,8 +54,8 @@ def test_collapsed_mlp_behind_layout_ops_folds_exactly(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_both_exporters_reach_the_same_counts(name):
-    build, before, after, _ = BLOCKS[name]
-    net = build()
+    before, after, _ = BLOCKS[name]
+    net = collapsed(name)
     cal = randn(8, *SHAPE[1:])
     counts = []
     for dynamo in (False, True):

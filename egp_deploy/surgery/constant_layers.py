@@ -94,10 +94,12 @@ def _keeps_batch_axis(node: gs.Node) -> bool:
         target = const_value(node.inputs[1]) if len(node.inputs) > 1 else None
         if target is None or target.ndim != 1 or target.size == 0 or x[0] != y[0]:
             return False
-        rest = [int(d) for d in target[1:]]
-        if int(target[0]) == 0 and not node.attrs.get("allowzero", 0):
-            return -1 not in rest or all(isinstance(d, (int, np.integer)) for d in y[1:])
-        return int(target[0]) == -1 and all(d >= 0 for d in rest) or (int(target[0]) == 1 and x[0] == 1)
+        first = int(target[0])
+        if first == 0:  # copies the batch dim
+            return not node.attrs.get("allowzero", 0)
+        if first == -1:  # the rest is one sample's shape, so a batch of 1 stays 1
+            return all(int(d) >= 0 for d in target[1:])
+        return first == 1 and x[0] == 1
     return False
 
 
