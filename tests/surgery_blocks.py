@@ -248,3 +248,14 @@ def assert_report_honest(model: onnx.ModelProto, result) -> None:
     for rec in report["changes"]["mlp_units"]:
         assert {rec["fc1"], rec["fc2"]} <= remaining, rec
     assert report["after"]["macs_dense"] <= report["before"]["macs_dense"]
+
+
+def unpruned(name: str, in_channels: int = 3) -> nn.Module:
+    """The block ``name`` at the sizes ``collapsed`` uses, nothing zeroed."""
+    kwargs = {"convnext": {"dim": 16, "blocks": 3}, "mixer": {"dim": 16, "blocks": 2}}.get(name, {})
+    builders = {"dense": DenseBlock, "inception": InceptionBlock, "fire": FireNet, "convnext": ConvNeXtNet,
+                "mixer": MixerNet}
+    return builders[name](in_channels=in_channels, **kwargs).eval()
+
+
+BLOCK_NAMES = ("dense", "inception", "fire", "convnext", "mixer")

@@ -138,3 +138,39 @@ def _layout(op: str, shape_in, shape_out, **attrs) -> gs.Node:
 ])
 def test_which_layout_ops_keep_the_batch_axis(node, keeps):
     assert _keeps_batch_axis(node) is keeps
+
+
+def _scaled_linear(scale: np.ndarray, second_reader: bool = False):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a, n) for a, n in (
+        (rng.standard_normal((8, 6)).astype(np.float32), "w"), (rng.standard_normal(6).astype(np.float32), "b"),
+        (scale, "g"))]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc2"),
+             helper.make_node("Add", ["h", "b"], ["hb"], name="fc2_bias"),
+             helper.make_node("Mul", ["hb", "g"], ["y"], name="layer_scale")]
+    outs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4, 6])]
+    if second_reader:
+        outs.append(helper.make_tensor_value_info("hb", TensorProto.FLOAT, [2, 3, 4, 6]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 8])], outs,
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("scale, second_reader, folds", [
+    (np.linspace(0.5, 2.0, 6).astype(np.float32), False, True),  # ConvNeXt's gamma, per last-axis unit
+    (np.full((1, 1, 1, 1), 3.0, np.float32), False, True),
+    (np.linspace(0.5, 2.0, 6).astype(np.float32), True, False),  # the biased output is read elsewhere too
+    (np.ones((1, 3, 1, 1), np.float32), False, False),  # not along the last axis
+])
+def test_layer_scale_folds_into_the_token_linear_layer(scale, second_reader, folds):
+    from egp_deploy.surgery.canonicalize import fold_affine
+    from test_surgery_helpers import apply, ops
+
+    model = _scaled_linear(scale, second_reader)
+    out, records = apply(model, fold_affine)
+    assert ("Mul" not in ops(out)) is folds
+    assert [r["into"] for r in records] == (["fc2"] if folds else [])
+    x = randn(2, 3, 4, 8)
+    np.testing.assert_allclose(outputs(out, x), outputs(model, x), rtol=1e-5, atol=1e-5)
