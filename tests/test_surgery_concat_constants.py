@@ -135,6 +135,23 @@ def test_concat_whose_readers_cannot_split_is_left_alone(tail):
     assert_report_honest(model, res)
 
 
+@pytest.mark.parametrize("tail", [nn.Identity(), nn.Sequential(_Shuffle(), nn.Conv2d(16, 4, 1))],
+                         ids=["graph_output", "channel_shuffle"])
+def test_static_batch_one_concat_takes_the_constant_as_an_input(tail):
+    """With a static batch of 1 the constant is the tensor itself: the zero conv goes even where the
+    Concat's readers cannot be split, and the Concat keeps the constant as an input."""
+    net = _ConcatInto(tail).eval()
+    model = export_module(net, (1, 3, 8, 8))
+    x = randn(1, 3, 8, 8)
+    res = optimize(model, x, None, EXACT)
+    assert layer_count(model) - layer_count(res.model) == 1
+    assert "Concat" in [n.op_type for n in res.model.graph.node]
+    assert [r.get("concats") for r in res.report["changes"]["constant_layers"]] == [None]
+    with torch.no_grad():
+        assert rel_error(net(torch.from_numpy(x)).numpy(), outputs(res.model, x)) <= 1e-5
+    assert_report_honest(model, res)
+
+
 def test_absorb_on_its_own_keeps_the_region_and_skips_all_constant_concats():
     net = _ConcatInto(nn.Conv2d(16, 4, 3, padding=1)).eval()
     model = export_module(net, (1, 3, 8, 8))

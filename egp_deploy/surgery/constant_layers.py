@@ -4,8 +4,9 @@ bias; a residual branch that became constant becomes a bias add).
 The constant stands in for the tensor with a batch of 1; it is carried forward through every op that
 treats the batch axis as an independent axis (element-wise ops, layers, pooling, and layout ops that
 keep axis 0 by itself: the permutes and transposes around a ConvNeXt or token-mixing MLP), down to
-where it meets live data: a broadcast Add/Mul (the residual add), or a channel Concat whose readers
-can take the constant slice into their weights (concat_constants.py).
+where it meets live data: a broadcast Add/Mul (the residual add), a channel Concat whose readers
+can take the constant slice into their weights (concat_constants.py), or, with a static batch of 1,
+any Concat (the stand-in is then the tensor itself).
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ def _constant_closure(graph: gs.Graph, t: gs.Tensor) -> tuple[list[str], list[gs
             const_tensors.update(o.name for o in node.outputs)
         elif is_channel_concat(node) and concat_region(graph, node) is not None:
             concats.append(node)
+        elif node.op == "Concat" and _const_safe(node) and (static_shape(node.outputs[0]) or [None])[0] == 1:
+            continue  # a static batch of 1: the stand-in is the tensor itself, a valid Concat input
         elif node.op not in BINARY:
             return None
     return closure, concats
