@@ -17,6 +17,11 @@ planner's case (MobileNetV2 blocks become one conv each; ResNet-50 merges would 
                                          mobilenet_v2-linear,resnet50,resnet50-linear] [--out DIR]
     python tools/compare_simplifiers.py --models swin_t,swin_egp --samples 64 --latency 10
 
+Rows ``dense``, ``inception``, ``fire``, ``convnext``, ``mixer`` (and ``-collapsed``): the small blocks of
+tests/surgery_blocks.py (a DenseNet block, an Inception block, two fire modules, three ConvNeXt blocks,
+two MLP-Mixer blocks; random weights), unpruned and with the all-zero layers the tests plant (constant
+branches into Concats, collapsed MLPs behind permutes/transposes): ``--models blocks`` is all ten.
+
 ``swin_egp``: Swin-T whose MLP fc1 is all zero in 4 of its 12 blocks and half of the hidden units of two
 more are dead (what EGP's layer collapse leaves in an MLP). ``--latency S`` also times exported,
 onnxslim and ours interleaved for S seconds (onnxruntime CPU, batch 1, 1 thread) and checks that ours
@@ -40,13 +45,16 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from bench_chain_merge import plant_linear  # noqa: E402  (tools/ is on sys.path when run as a script)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the test blocks: one definition of each block and its collapse
+from surgery_blocks import BLOCK_NAMES, collapsed, unpruned  # noqa: E402
 from egp_deploy.archs import create_model  # noqa: E402
 from egp_deploy.data import calibration_batch, load_data  # noqa: E402
 from egp_deploy.export import SourceModel, export_model, load_source  # noqa: E402
 from egp_deploy.io_utils import write_json_atomic  # noqa: E402
 from egp_deploy.onnx_metrics import graph_metrics  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 ZOO = {
     "resnet18": {"width": 16},
     "mobilenet_v2": {"width": 0.25},
@@ -152,8 +160,19 @@ def main() -> int:
     train_x = calibration_batch(bundle, 1024, "train")
 
     sources: list[tuple[str, bool, SourceModel]] = []
-    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    wanted = requested = [m.strip() for m in args.models.split(",") if m.strip()]
+    if "blocks" in wanted:
+        wanted = list(wanted)
+        i = wanted.index("blocks")
+        wanted[i:i + 1] = [f"{b}{s}" for b in BLOCK_NAMES for s in ("", "-collapsed")]
     for name in wanted:
+        block = name.removesuffix("-collapsed")
+        if block in BLOCK_NAMES:
+            pruned = name != block
+            model = collapsed(block, in_channels=1) if pruned else unpruned(block, in_channels=1)
+            sources.append((f"{block} block ({'collapsed' if pruned else 'dense'})", pruned,
+                            _module_source(block, model, {})))
+            continue
         if name == "egp":
             ref = ROOT / "models" / "resnet18_digits_egp.pt"
             if ref.is_file():
@@ -233,7 +252,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"),
     }
     stem = "compare_simplifiers" if set(wanted) <= {"resnet18", "mobilenet_v2", "vgg16_bn", "vit_tiny", "egp"} \
-        else "compare_simplifiers_" + "_".join(wanted)  # do not overwrite the default table with a subset
+        else "compare_simplifiers_" + "_".join(requested)  # do not overwrite the default table with a subset
     path = write_json_atomic(args.out / f"{stem}.json", result)
     print(f"wrote {path}")
     return 0 if all_ok else 1

@@ -248,11 +248,13 @@ def opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-def add_constant_after(graph: gs.Graph, node: gs.Node, const: np.ndarray) -> None:
-    """node's output := node's output + const (an Add node; the output name is kept)."""
+def add_constant_after(graph: gs.Graph, node: gs.Node, const: np.ndarray | gs.Tensor) -> None:
+    """node's output := node's output + const (an Add node; the output name is kept). ``const`` is an
+    array, or a tensor computed from constants only (constant folding then evaluates it)."""
     out = node.outputs[0]
     mid = gs.Variable(fresh_name(out.name + ".pre_border"), dtype=out.dtype, shape=out.shape)
     node.outputs[0] = mid
+    if not isinstance(const, gs.Tensor):
+        const = new_const(const, (node.name or "conv") + ".border_bias")
     graph.nodes.append(gs.Node("Add", name=fresh_name((node.name or "conv") + "/egp_border_bias"),
-                               inputs=[mid, new_const(const, (node.name or "conv") + ".border_bias")],
-                               outputs=[out]))
+                               inputs=[mid, const], outputs=[out]))

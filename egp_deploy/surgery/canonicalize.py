@@ -13,8 +13,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from egp_deploy.surgery._graph import (
-    bypass, channel_vector, const_value, constant_operand, conv_weights, gemm_weights, only_consumer, producer,
-    set_conv_weights, set_gemm_weights, static_shape,
+    bypass, channel_vector, const_value, constant_operand, conv_weights, gemm_weights, new_const, only_consumer,
+    producer, set_conv_weights, set_gemm_weights, static_shape,
 )
 from egp_deploy.surgery.constant_offsets import merge_constant_adds, push_constant_adds, split_relu_offsets
 from egp_deploy.surgery.fuse_linear_ops import fuse_linear_ops
@@ -134,6 +134,45 @@ def _affine_target(graph: gs.Graph, x: gs.Tensor):
     return None
 
 
+def _scale_token_linear(graph: gs.Graph, x: gs.Tensor, c: np.ndarray, op: str) -> str | None:
+    """``x = MatMul(h, W) [+ b]`` (constant 2-D W, b along the last axis, each read once) times or
+    divided by a last-axis constant ``c``: scale W's columns and b instead; the MatMul's name, or None."""
+    p = producer(x)
+    if p is None or only_consumer(x, graph) is None:
+        return None
+    add = None
+    if p.op == "Add":
+        found = constant_operand(p)
+        if found is None or not isinstance(found[0], gs.Variable) or only_consumer(found[0], graph) is not p:
+            return None
+        add, (y, b, bi) = p, found
+        p = producer(y)
+    if p is None or p.op != "MatMul" or len(p.inputs) != 2 or not isinstance(p.inputs[0], gs.Variable):
+        return None
+    w = const_value(p.inputs[1])
+    if w is None or w.ndim != 2 or w.dtype != np.float32:
+        return None
+    m = w.shape[1]
+
+    def last_axis(v: np.ndarray) -> np.ndarray | None:  # a (M,) vector, or None
+        if v.dtype != np.float32 or v.ndim > len(static_shape(x) or []) or any(d != 1 for d in v.shape[:-1]) \
+                or v.size not in (1, m):
+            return None
+        return np.broadcast_to(v.reshape(-1), (m,)).astype(np.float64)
+
+    g = last_axis(c)
+    if g is None or (op == "Div" and np.any(g == 0)):
+        return None
+    g = 1.0 / g if op == "Div" else g
+    if add is not None:
+        bias = last_axis(b)
+        if bias is None:
+            return None
+        add.inputs[bi] = new_const((bias * g).astype(np.float32), add.name + ".bias")
+    p.inputs[1] = new_const((w.astype(np.float64) * g[None, :]).astype(np.float32), p.name + ".weight")
+    return p.name
+
+
 def _apply_affine(p: gs.Node, wb, kind: str, scale: np.ndarray, shift: np.ndarray) -> None:
     w, b = wb
     cout = w.shape[0] if kind == "conv" else w.shape[1]
@@ -146,7 +185,8 @@ def _apply_affine(p: gs.Node, wb, kind: str, scale: np.ndarray, shift: np.ndarra
 
 
 def fold_affine(graph: gs.Graph) -> list[dict[str, Any]]:
-    """BatchNormalization, and Mul/Add/Sub/Div by per-channel constants, into the preceding Conv/Gemm."""
+    """BatchNormalization, and Mul/Add/Sub/Div by per-channel constants, into the preceding Conv/Gemm;
+    a Mul/Div by a last-axis constant into a token linear layer (MatMul with constant weights, + bias)."""
     folded = []
     changed = True
     while changed:
@@ -174,11 +214,17 @@ def fold_affine(graph: gs.Graph) -> list[dict[str, Any]]:
                 if node.op in ("Sub", "Div") and ci == 0:
                     continue
                 target = _affine_target(graph, x_var)
-                if target is None:
-                    continue
                 out_shape = static_shape(node.outputs[0])
                 xs = static_shape(x_var)
                 if xs is None or out_shape is None or len(out_shape) != len(xs):
+                    continue
+                if target is None:
+                    if node.op in ("Mul", "Div") and (into := _scale_token_linear(graph, x_var, c, node.op)):
+                        name = node.name  # a layer scale (ConvNeXt, CaiT) after a token linear layer
+                        node.inputs = [x_var]
+                        if bypass(graph, node):
+                            folded.append({"node": name, "op": node.op, "into": into})
+                            changed = True
                     continue
                 p, wb, kind = target
                 cout = wb[0].shape[0] if kind == "conv" else wb[0].shape[1]

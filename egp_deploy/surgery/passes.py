@@ -141,7 +141,7 @@ def _split_relu_offsets(graph, ctx):
 
 @register("fold_affine", ALWAYS)
 def _fold_affine(graph, ctx):
-    """BatchNormalization and per-channel Mul/Add/Sub/Div into the preceding Conv/Gemm."""
+    """BatchNormalization and per-channel Mul/Add/Sub/Div into the preceding Conv/Gemm (a layer scale into a MatMul)."""
     return _canonical("affine_folded", fold_affine(graph))
 
 
@@ -193,7 +193,7 @@ def _dead_channels_on(ctx) -> bool:
 
 @register("constant_layers", ("round",), enabled=_dead_channels_on)
 def _constant_layers(graph, ctx):
-    """Tensors constant in every channel replaced by a constant, then folded forward."""
+    """Tensors constant in every channel replaced by a constant, then folded forward (through layout ops and Concats)."""
     folded = constant_layers_to_constants(graph, ctx.module_of)
     if folded:
         fold_constants(graph)

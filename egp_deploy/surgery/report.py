@@ -166,7 +166,9 @@ def _describe(key: str, it: dict[str, Any]) -> str:
         return f"{it.get('module') or it['node']} ({it['op']}): {it['action']}"
     if key == "constant_layers":
         mods = list(dict.fromkeys(it.get("folded_modules") or []))  # a GELU's Erf arithmetic is 5 nodes of one module
-        return f"{it.get('module') or it['producer']} -> constant; folded: {', '.join(mods)}"
+        into = "".join(f"; {c['concat']}: {c['channels_before']} -> {c['channels_after']} channels, the constant "
+                       f"slice absorbed by {', '.join(c.get('reader_modules') or c['readers'])}" for c in it.get("concats") or [])
+        return f"{it.get('module') or it['producer']} -> constant; folded: {', '.join(mods)}{into}"
     if key == "dead_channels":
         return (f"{', '.join(it['modules'])}: {it['channels_before']} -> {it['channels_after']} channels "
                 f"({it['constant']} constant, {it['unused']} unused)")

@@ -1,0 +1,261 @@
+"""Small blocks of architectures outside the zoo, for the surgery tests (no tests here): a dense-
+concatenation block (DenseNet), an Inception-style block, a fire (squeeze-expand) module, a ConvNeXt
+block and a token-mixing MLP block, each with a stem and a head, exportable with either exporter."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import onnx
+import torch
+import torch.nn as nn
+
+
+def export(module: nn.Module, shape: tuple[int, ...], dynamo: bool) -> onnx.ModelProto:
+    """Static-shape export with the legacy exporter (opset 17) or the dynamo one (opset 18)."""
+    module = module.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            prog = torch.onnx.export(module, (torch.randn(*shape),), dynamo=True, opset_version=18,
+                                     input_names=["x"], output_names=["y"], verbose=False)
+            prog.optimize()
+            return prog.model_proto
+        f = io.BytesIO()
+        torch.onnx.export(module, torch.randn(*shape), f, dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"])
+    return onnx.load_from_string(f.getvalue())
+
+
+def _bn_randomized(bn: nn.BatchNorm2d, g: torch.Generator) -> nn.BatchNorm2d:
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+        bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+        bn.bias.copy_(torch.randn(bn.num_features, generator=g) * 0.2)
+    return bn
+
+
+class DenseLayer(nn.Module):
+    """DenseNet's BN-ReLU-conv1x1-BN-ReLU-conv3x3, its output concatenated to its input."""
+
+    def __init__(self, cin: int, growth: int, g: torch.Generator) -> None:
+        super().__init__()
+        self.norm1 = _bn_randomized(nn.BatchNorm2d(cin), g)
+        self.conv1 = nn.Conv2d(cin, 2 * growth, 1, bias=False)
+        self.norm2 = _bn_randomized(nn.BatchNorm2d(2 * growth), g)
+        self.conv2 = nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.norm2(self.conv1(torch.relu(self.norm1(x))))))
+        return torch.cat([x, y], 1)
+
+
+class DenseBlock(nn.Module):
+    """Stem, ``layers`` dense layers (each reads the concatenation of all before it), transition 1x1
+    conv, pooled head. Layers: 1 + 2 * layers + 1 + 1 (Gemm)."""
+
+    def __init__(self, layers: int = 3, stem: int = 8, growth: int = 8, in_channels: int = 3) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(in_channels, stem, 3, padding=1)
+        self.layers = nn.Sequential(*[DenseLayer(stem + i * growth, growth, g) for i in range(layers)])
+        width = stem + layers * growth
+        self.norm = _bn_randomized(nn.BatchNorm2d(width), g)
+        self.transition = nn.Conv2d(width, 16, 1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.layers(torch.relu(self.stem(x)))
+        x = self.transition(torch.relu(self.norm(x)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class InceptionBlock(nn.Module):
+    """Stem, four branches (1x1; 1x1 -> 3x3; 1x1 -> 5x5; maxpool -> 1x1), concatenated, a 3x3 conv
+    reading the concatenation, pooled head. Layers: 1 + 6 + 1 + 1 (Gemm)."""
+
+    def __init__(self, stem: int = 8, in_channels: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(in_channels, stem, 3, padding=1)
+        self.b1 = nn.Conv2d(stem, 8, 1)
+        self.b2a, self.b2b = nn.Conv2d(stem, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+        self.b3a, self.b3b = nn.Conv2d(stem, 4, 1), nn.Conv2d(4, 8, 5, padding=2)
+        self.b4 = nn.Conv2d(stem, 8, 1)
+        self.mix = nn.Conv2d(32, 16, 3, padding=1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        branches = [
+            torch.relu(self.b1(x)),
+            torch.relu(self.b2b(torch.relu(self.b2a(x)))),
+            torch.relu(self.b3b(torch.relu(self.b3a(x)))),
+            torch.relu(self.b4(nn.functional.max_pool2d(x, 3, 1, 1))),
+        ]
+        x = torch.relu(self.mix(torch.cat(branches, 1)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class Fire(nn.Module):
+    """SqueezeNet's fire module: squeeze 1x1, then expand 1x1 and expand 3x3 concatenated."""
+
+    def __init__(self, cin: int, squeeze: int, expand: int) -> None:
+        super().__init__()
+        self.squeeze = nn.Conv2d(cin, squeeze, 1)
+        self.expand1x1 = nn.Conv2d(squeeze, expand, 1)
+        self.expand3x3 = nn.Conv2d(squeeze, expand, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.squeeze(x))
+        return torch.cat([torch.relu(self.expand1x1(x)), torch.relu(self.expand3x3(x))], 1)
+
+
+class FireNet(nn.Module):
+    """Stem, two fire modules, classifier conv, pooled. Layers: 1 + 3 + 3 + 1."""
+
+    def __init__(self, in_channels: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(in_channels, 16, 3, padding=1)
+        self.fire1 = Fire(16, 8, 16)
+        self.fire2 = Fire(32, 8, 16)
+        self.classifier = nn.Conv2d(32, 10, 1)
+
+    def forward(self, x):
+        x = self.fire2(self.fire1(torch.relu(self.stem(x))))
+        return torch.flatten(nn.functional.adaptive_avg_pool2d(self.classifier(x), 1), 1)
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt: depthwise 7x7, permute to channels-last, LayerNorm, Linear-GELU-Linear, layer scale,
+    permute back, residual add."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.gamma * self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXtNet(nn.Module):
+    """Patchify stem, ``blocks`` ConvNeXt blocks, pooled LayerNorm head. Layers: 1 + 3 * blocks + 1."""
+
+    def __init__(self, dim: int = 16, blocks: int = 2, in_channels: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(in_channels, dim, 4, stride=4)
+        self.blocks = nn.Sequential(*[ConvNeXtBlock(dim) for _ in range(blocks)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x))
+        return self.head(self.norm(x.mean((2, 3))))
+
+
+class MixerBlock(nn.Module):
+    """MLP-Mixer: token mixing (LayerNorm, transpose, MLP over tokens, transpose back, add), then
+    channel mixing (LayerNorm, MLP over channels, add), on (N, L, C) tokens."""
+
+    def __init__(self, tokens: int, dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.token_fc1, self.token_fc2 = nn.Linear(tokens, 2 * tokens), nn.Linear(2 * tokens, tokens)
+        self.norm2 = nn.LayerNorm(dim)
+        self.channel_fc1, self.channel_fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        y = self.norm1(x).transpose(1, 2)
+        x = x + self.token_fc2(nn.functional.gelu(self.token_fc1(y))).transpose(1, 2)
+        return x + self.channel_fc2(nn.functional.gelu(self.channel_fc1(self.norm2(x))))
+
+
+class MixerNet(nn.Module):
+    """Patchify stem to (N, L, C) tokens, ``blocks`` mixer blocks, pooled head. Layers: 1 + 4 * blocks + 1."""
+
+    def __init__(self, dim: int = 16, blocks: int = 2, patch: int = 8, size: int = 32, in_channels: int = 3) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        tokens = (size // patch) ** 2
+        self.stem = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.blocks = nn.Sequential(*[MixerBlock(tokens, dim) for _ in range(blocks)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.stem(x).flatten(2).transpose(1, 2)
+        x = self.blocks(x)
+        return self.head(self.norm(x).mean(1))
+
+
+def collapsed(name: str, in_channels: int = 3) -> nn.Module:
+    """The block ``name`` with the collapse the tests plant (all-zero layers, as EGP leaves them)."""
+    with torch.no_grad():
+        if name == "dense":  # two dense layers' outputs constant: slices of every later Concat
+            net = DenseBlock(layers=3, in_channels=in_channels)
+            net.layers[0].conv2.weight.zero_()
+            net.layers[1].conv2.weight.zero_()
+        elif name == "inception":
+            net = InceptionBlock(in_channels=in_channels)
+            net.b1.weight.zero_()  # a uniform constant: relu(bias)
+            net.b2a.weight.zero_()  # then b2b's padded 3x3 makes the branch a non-uniform constant map
+        elif name == "fire":
+            net = FireNet(in_channels=in_channels)
+            net.fire1.expand3x3.weight.zero_()
+            net.fire2.expand1x1.weight.zero_()
+        elif name == "convnext":
+            net = ConvNeXtNet(dim=16, blocks=3, in_channels=in_channels)
+            net.blocks[0].pwconv2.weight.zero_()  # the branch is fc2's bias, times the layer scale
+            net.blocks[2].pwconv1.weight.zero_()  # GELU(b1) @ W2 + b2, times the layer scale
+        elif name == "mixer":
+            net = MixerNet(dim=16, blocks=2, in_channels=in_channels)
+            net.blocks[0].token_fc2.weight.zero_()
+            net.blocks[1].token_fc1.weight.zero_()
+        else:
+            raise KeyError(name)
+    return net.eval()
+
+
+LAYER_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def layer_count(model: onnx.ModelProto) -> int:
+    return sum(n.op_type in LAYER_OPS for n in model.graph.node)
+
+
+def assert_report_honest(model: onnx.ModelProto, result) -> None:
+    """The report claims only what happened: the layers it lists as removed are gone (and their
+    number is the drop in the layer count), every narrowing it lists names layers that are still
+    there, and the dense MACs did not go up."""
+    report, out = result.report, result.model
+    remaining = {n.name for n in out.graph.node}
+    assert report["summary"]["layers_removed"] == layer_count(model) - layer_count(out)
+    assert report["after"]["conv_gemm_layers"] == layer_count(out)
+    for rec in report["changes"]["dead_channels"]:
+        assert set(rec["producers"]) <= remaining and set(rec["readers"]) <= remaining, rec
+    for rec in report["changes"]["mlp_units"]:
+        assert {rec["fc1"], rec["fc2"]} <= remaining, rec
+    assert report["after"]["macs_dense"] <= report["before"]["macs_dense"]
+
+
+def unpruned(name: str, in_channels: int = 3) -> nn.Module:
+    """The block ``name`` at the sizes ``collapsed`` uses, nothing zeroed."""
+    kwargs = {"convnext": {"dim": 16, "blocks": 3}, "mixer": {"dim": 16, "blocks": 2}}.get(name, {})
+    builders = {"dense": DenseBlock, "inception": InceptionBlock, "fire": FireNet, "convnext": ConvNeXtNet,
+                "mixer": MixerNet}
+    return builders[name](in_channels=in_channels, **kwargs).eval()
+
+
+BLOCK_NAMES = ("dense", "inception", "fire", "convnext", "mixer")
