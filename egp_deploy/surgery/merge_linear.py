@@ -72,10 +72,13 @@ def _merge_matmul_chain(graph, first: gs.Node, max_growth) -> dict[str, Any] | N
 
 def merge_linear(graph: gs.Graph, max_mac_growth: float = 1.0, allow_inexact: bool = False,
                  module_of: Callable[[str], str | None] = lambda n: None, cost_model=None,
-                 log: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                 log: list[dict[str, Any]] | None = None, inexact_allowed: frozenset | None = None
+                 ) -> list[dict[str, Any]]:
     """Conv/Gemm chains merged as planned (chain_merge; cost_model: MacCost(max_mac_growth) unless
-    given), then MatMul pairs until none is left; one record per merge, every planned candidate in log."""
-    records = merge_chains(graph, cost_model or MacCost(max_mac_growth), allow_inexact, module_of, log)
+    given; ``inexact_allowed``: see merge_chains), then MatMul pairs until none is left; one record per
+    merge, every planned candidate in log."""
+    records = merge_chains(graph, cost_model or MacCost(max_mac_growth), allow_inexact, module_of, log,
+                           inexact_allowed)
     for rec in records:
         rec["modules"] = rec.pop("layers")
     changed = True

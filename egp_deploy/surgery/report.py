@@ -124,12 +124,14 @@ def print_report(report: dict[str, Any], console=None) -> None:
                       f"{len(exact)}: {', '.join(exact)}", soft_wrap=True)
     lists = report.get("changes", {})
     for key, title in (("stripped", "activations stripped (data-dependent)"),
+                       ("reverted_strips", "data-dependent strips reverted"),
                        ("constant_layers", "constant layers folded"),
                        ("dead_channels", "channel groups narrowed"),
                        ("dead_taps", "kernels cropped to their nonzero taps"),
                        ("mlp_units", "token MLPs narrowed"),
                        ("linearized", "smooth activations linearized (NOT exact)"),
-                       ("merged", "linear layers merged")):
+                       ("merged", "linear layers merged"),
+                       ("dropped_merges", "inexact merges dropped")):
         items = lists.get(key, [])
         if not items:
             continue
@@ -164,6 +166,10 @@ def print_report(report: dict[str, Any], console=None) -> None:
 def _describe(key: str, it: dict[str, Any]) -> str:
     if key == "stripped":
         return f"{it.get('module') or it['node']} ({it['op']}): {it['action']}"
+    if key == "reverted_strips":
+        left = "" if it.get("channels_left_region") is None else \
+            f" ({it['channels_left_region']} of {it['channels_stripped']} channels left their calibration region)"
+        return f"{it.get('module') or it['node']} ({it['op']}): {it['why']}{left}"
     if key == "constant_layers":
         mods = list(dict.fromkeys(it.get("folded_modules") or []))  # a GELU's Erf arithmetic is 5 nodes of one module
         return f"{it.get('module') or it['producer']} -> constant; folded: {', '.join(mods)}"
@@ -179,6 +185,9 @@ def _describe(key: str, it: dict[str, Any]) -> str:
     if key == "mlp_units":
         return (f"{' + '.join(it['modules'])}: {it['units_before']} -> {it['units_after']} hidden units "
                 f"({it['constant']} constant, {it['unused']} unused)")
+    if key == "dropped_merges":
+        held = "" if it.get("held_out_rel_error") is None else f", {it['held_out_rel_error']:.2e} held-out"
+        return f"{' + '.join(it['modules'])} ({it['kind']}): rel. error {it['calibration_rel_error']:.2e}{held}: {it['why']}"
     if key == "merged":
         return f"{' + '.join(it['modules'])}: {it['kind']}"
     return json.dumps(it)
