@@ -105,6 +105,12 @@ def print_report(report: dict[str, Any], console=None) -> None:
         change = "-"
         if isinstance(b, (int, float)) and isinstance(a, (int, float)) and b:
             change = f"{(a - b) / b * 100:+.1f} %"
+        if key.startswith("macs") and (before.get("macs_unknown_nodes") or after.get("macs_unknown_nodes")):
+            # layers whose shapes are unknown are left out of the sum: not comparable
+            cells = [_fmt(v) + (f" + {len(m['macs_unknown_nodes'])} unknown" if m.get("macs_unknown_nodes") else "")
+                     for v, m in ((b, before), (a, after))]
+            table.add_row(label, *cells, "-")
+            continue
         table.add_row(label, _fmt(b), _fmt(a), change)
     summary = report.get("summary", {})
     dd = summary.get("data_dependent_held_out_error")
