@@ -65,7 +65,7 @@ def eliminate_dead_channels(graph: gs.Graph, module_of: Callable[[str], str | No
     ``channel_multiple`` > 1 keeps every narrowed group at a multiple of it (some dead channels are
     kept, which is exact): runtimes block channels by 8 or 16, and 32 -> 30 channels runs SLOWER than
     32 on onnxruntime's blocked CPU kernels (docs/surgery.md, "Channel alignment"). Groups joined by
-    channel routes or grouped convs are not aligned (their channel counts are tied to each other)."""
+    channel routes or grouped convs are aligned together: a channel kept for one is kept in all."""
     routes = find_routes(graph)
     info = constant_channels(graph, constant_hook(routes))
     tensors = graph.tensors()
@@ -255,10 +255,14 @@ def _solve_keeps(analyses, routes: list[Route], links: _Links, group_of, channel
                     for c in np.flatnonzero(r_g[k])[:max(short, 0)]:
                         blocked.add(slots.find(f"{root}#{k * r_g.shape[1] + c}"))
                         changed = True
-        for root in joined:  # a tensor keeps at least one channel
+        for root in joined:  # a tensor keeps at least one channel, and an aligned number of them
             r = removable(root)
-            if r is not None and r.all():
-                blocked.add(slots.find(f"{root}#0"))
+            if r is None or not r.any():
+                continue
+            kept = int((~r).sum())
+            target = min(r.size, max(1, -(-kept // channel_multiple) * channel_multiple))
+            for c in np.flatnonzero(r)[:target - kept]:
+                blocked.add(slots.find(f"{root}#{c}"))
                 changed = True
     keeps: dict[str, np.ndarray | None] = {}
     for root in analyses:
