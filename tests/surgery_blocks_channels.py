@@ -71,3 +71,37 @@ class GroupedBottleneck(nn.Module):
         y = self.relu(self.bn1(self.conv1(x)))
         y = self.relu(self.bn2(self.conv2(y)))
         return self.relu(self.bn3(self.conv3(y)) + x).mean((2, 3))
+
+
+class Fire(nn.Module):
+    """SqueezeNet's fire module: squeeze 1x1 -> ReLU -> expand 1x1 and expand 3x3 (padded) -> concat ->
+    ReLU -> mean. ``linear_squeeze``: the squeeze's bias keeps its ReLU ON for any input here, so the
+    surgery strips it and the squeeze is one linear layer read by two convs."""
+
+    def __init__(self, c: int = 16, s: int = 4, e: int = 8, linear_squeeze: bool = True) -> None:
+        super().__init__()
+        self.squeeze, self.act = nn.Conv2d(c, s, 1), nn.ReLU()
+        self.expand1, self.expand3 = nn.Conv2d(s, e, 1), nn.Conv2d(s, e, 3, padding=1)
+        self.out = nn.ReLU()
+        if linear_squeeze:
+            with torch.no_grad():
+                self.squeeze.bias.fill_(50.0)
+
+    def forward(self, x):
+        y = self.act(self.squeeze(x))
+        return self.out(torch.cat([self.expand1(y), self.expand3(y)], 1)).mean((2, 3))
+
+
+class SharedHeads(nn.Module):
+    """Linear (8 -> 16) -> ReLU (ON for any input here) -> two 16 -> 2 heads, summed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared, self.act = nn.Linear(8, 16), nn.ReLU()
+        self.head_a, self.head_b = nn.Linear(16, 2), nn.Linear(16, 2)
+        with torch.no_grad():
+            self.shared.bias.fill_(50.0)
+
+    def forward(self, x):
+        y = self.act(self.shared(x))
+        return self.head_a(y) * self.head_b(y)
