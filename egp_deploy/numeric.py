@@ -19,6 +19,12 @@ import numpy as np
 #: (``fp32_noise_floor``) when that round-off exceeds the tolerance (MEASURE.md)
 NOISE_FACTOR = 2.0
 
+#: default bound on the held-out rel. error of the surgery's data-dependent strips, per site and for
+#: the whole result (ten times the exact rewrites' 1e-5): a strip on structure that is real (an
+#: EGP-collapsed layer) is exact on any data, one on chance structure (units OFF on every calibration
+#: sample of an untrained net) is off by 1e-3 to 1e-2 on other data and is reverted
+DATA_DEPENDENT_ERROR_BOUND = 1e-4
+
 
 def relative_error(y: np.ndarray, ref: np.ndarray) -> tuple[float, float, float, bool]:
     """(max |y-ref|, max |ref|, relative error, both finite); inf error if anything is non-finite.

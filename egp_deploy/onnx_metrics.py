@@ -10,8 +10,11 @@
 - longest path: the largest number of conv/gemm layers on any input->output path of the DAG.
 - parameters: elements of float initializers and float Constant nodes (all, and nonzero).
 - MACs: Conv/ConvTranspose/Gemm/MatMul, dense and scaled by the weight's nonzero fraction (exact
-  for unstructured sparsity: every weight is used the same number of times). Symbolic dims
-  (a dynamic batch) count as 1, so dynamic-batch graphs report per-sample MACs.
+  for unstructured sparsity: every weight is used the same number of times). A symbolic leading
+  (batch) dim counts as 1, so dynamic-batch graphs report per-sample MACs. Any other symbolic dim is
+  taken from the weights (a conv's or gemm's channels) or from the input and the conv geometry
+  (spatial sizes); where neither says, the node's MACs are unknown (``macs_unknown_nodes``), never
+  counted with that dim as 1 (the legacy exporter writes symbolic channel and spatial dims).
 - file size: serialized bytes of the ModelProto.
 """
 
@@ -228,15 +231,53 @@ def graph_metrics(model: onnx.ModelProto, per_layer: bool = False) -> dict[str, 
     return out
 
 
+def _known(dims: list[int | None] | None) -> bool:
+    """Every dim but the leading (batch) one is static."""
+    return dims is not None and None not in dims[1:]
+
+
+def _conv_spatial(x: list[int | None] | None, w: list[int], node: onnx.NodeProto) -> list[int | None]:
+    """A conv's output spatial sizes from its input's and its geometry (None where the input's is symbolic)."""
+    attrs = {a.name: list(a.ints) for a in node.attribute if a.ints}
+    auto_pad = next((a.s.decode() for a in node.attribute if a.name == "auto_pad"), "NOTSET")
+    k = attrs.get("kernel_shape", w[2:])
+    n = len(k)
+    strides, dil = attrs.get("strides", [1] * n), attrs.get("dilations", [1] * n)
+    pads = attrs.get("pads", [0] * 2 * n)
+    out: list[int | None] = []
+    for i in range(n):
+        size = x[2 + i] if x is not None and len(x) == 2 + n else None
+        if size is None:
+            out.append(None)
+        elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            out.append(-(-size // strides[i]))
+        else:
+            pad = 0 if auto_pad == "VALID" else pads[i] + pads[i + n]
+            out.append((size + pad - dil[i] * (k[i] - 1) - 1) // strides[i] + 1)
+    return out
+
+
 def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> tuple[float | None, list[str]]:
-    """(dense MACs, operands that may hold the weight, most likely first); None when shapes are unknown."""
+    """(dense MACs, operands that may hold the weight, most likely first); None when shapes are unknown.
+
+    Symbolic dims other than the leading (batch) one are filled in from the weight's shape (channels)
+    or the conv geometry (spatial sizes); one that cannot be makes the MACs unknown."""
     op = node.op_type
     get = lambda i: shapes.get(node.input[i]) if i < len(node.input) and node.input[i] else None  # noqa: E731
     out_shape = shapes.get(node.output[0]) if node.output else None
     if op in ("Conv", "ConvInteger", "QLinearConv"):
         w_idx = 3 if op == "QLinearConv" else 1
         w = get(w_idx)
-        if w is None or out_shape is None or None in w or len(out_shape) < 2:
+        if w is None or None in w or len(w) < 3:
+            return None, []
+        x = get(0)
+        spatial = _conv_spatial(x, w, node)
+        batch = x[0] if x else None
+        if out_shape is not None and len(out_shape) == len(w):
+            spatial = [s if s is not None else spatial[i] for i, s in enumerate(out_shape[2:])]
+            batch = out_shape[0] if out_shape[0] is not None else batch
+        out_shape = [batch, w[0]] + spatial
+        if not _known(out_shape):
             return None, []
         # each output element reads Cin/groups x kernel weights of its channel
         per_out = _prod(w[1:])
@@ -245,23 +286,32 @@ def _node_macs(node: onnx.NodeProto, shapes: dict[str, list[int | None]]) -> tup
         x, w = get(0), get(1)
         if x is None or w is None or None in w or len(x) < 2:
             return None, []
+        x = [x[0], w[0]] + list(x[2:])
+        if not _known(x):
+            return None, []
         # each input element is scattered through Cout/groups x kernel weights
         return float(_prod(x) * _prod(w[1:])), [node.input[1]]
     if op == "Gemm":
         a, b = get(0), get(1)
-        if a is None or b is None or len(a) != 2 or len(b) != 2:
+        if a is None or b is None or len(a) != 2 or len(b) != 2 or None in b:
             return None, []
         attrs = {at.name: at.i for at in node.attribute}
+        k_b, n = (b[1], b[0]) if attrs.get("transB") else (b[0], b[1])
         m = a[1] if attrs.get("transA") else a[0]
-        k = a[0] if attrs.get("transA") else a[1]
-        n = b[0] if attrs.get("transB") else b[1]
-        return float(_prod([m]) * _prod([k]) * _prod([n])), [node.input[1], node.input[0]]
+        if attrs.get("transA") and m is None:
+            return None, []  # the rows are the second dim there: not a batch
+        return float(_prod([m]) * k_b * n), [node.input[1], node.input[0]]
     if op in MATMUL_OPS:
         ia, ib = (0, 3) if op == "QLinearMatMul" else (0, 1)
         a, b = get(ia), get(ib)
         if a is None or b is None or out_shape is None or not a:
             return None, []
-        k = a[-1]
+        k = a[-1] if a[-1] is not None else (b[-2] if len(b) >= 2 else b[0])
+        out_shape = list(out_shape)
+        if out_shape and out_shape[-1] is None and len(b) >= 2:
+            out_shape[-1] = b[-1]
+        if k is None or not _known(out_shape):
+            return None, []
         # a list of operand names (the constant one is the weight, usually B): never the bare name,
         # which the caller would iterate character by character
         return float(_prod(out_shape) * _prod([k])), [node.input[ib], node.input[ia]]

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from egp_deploy.errors import UsageError
 from egp_deploy.surgery import SurgeryOptions, optimize
 from egp_deploy.surgery.activation_stats import measure_activation_stats
 from egp_deploy.surgery.pipeline import name_nodes
@@ -109,22 +108,24 @@ def test_data_dependent_error_is_shown_and_bounded():
     model = export_module(_offset_mlp(), (2, 6), dynamic=True)
     cal, held = _offset_data()
     opts = dict(batch_size=32, min_held_out_agreement=0.0, channel_multiple=1)
-    res = optimize(model, cal, held, SurgeryOptions(**opts))
+    res = optimize(model, cal, held, SurgeryOptions(max_data_dependent_error=None, **opts))  # no bound
     s = res.report["summary"]
     assert res.report["changes"]["stripped"]
     dd = s["data_dependent_held_out_error"]
     assert dd == res.report["verification"]["held_out"]["rel_error"] and dd > 1e-3
-    # the bound reverts the strips and says so; the result is then exact on held-out too
-    bounded = optimize(model, cal, held, SurgeryOptions(max_data_dependent_error=1e-4, **opts))
-    assert not bounded.report["changes"]["stripped"] and bounded.report["changes"]["reverted_strips"]
-    assert "rel. error <= 0.0001" in bounded.report["verification"]["note"]
-    assert bounded.report["summary"]["data_dependent_held_out_error"] is None
-    assert bounded.report["verification"]["held_out"]["rel_error"] <= 1e-5
+    # the bound (by default 1e-4) reverts the strip and says so; the result is then exact on held-out too
+    for bounded in (optimize(model, cal, held, SurgeryOptions(max_data_dependent_error=1e-4, **opts)),
+                    optimize(model, cal, held, SurgeryOptions(**opts))):
+        assert not bounded.report["changes"]["stripped"] and bounded.report["changes"]["reverted_strips"]
+        assert "> bound 0.0001" in bounded.report["changes"]["reverted_strips"][0]["why"]
+        assert "reverted" in bounded.report["verification"]["note"]
+        assert bounded.report["summary"]["data_dependent_held_out_error"] is None
+        assert bounded.report["verification"]["held_out"]["rel_error"] <= 1e-5
     # a bound above the error keeps them
-    loose = optimize(model, cal, held, SurgeryOptions(max_data_dependent_error=10.0, **opts))
+    loose = optimize(model, cal, held, SurgeryOptions(max_data_dependent_error=1.0, **opts))
     assert loose.report["changes"]["stripped"]
-    with pytest.raises(UsageError):
-        optimize(model, cal, None, SurgeryOptions(max_data_dependent_error=1e-3))
+    # without held-out data there is nothing to bound it with: the note says so
+    assert "no held-out data" in optimize(model, cal, None, SurgeryOptions(**opts)).report["verification"]["note"]
 
 
 def test_few_calibration_samples_warn():
@@ -153,15 +154,17 @@ def test_cli_shows_and_bounds_the_data_dependent_error(tmp_path, monkeypatch, ca
     np.save(tmp_path / "held.npy", held)
     common = [path, tmp_path / "out.onnx", "-c", tmp_path / "cal.npy", "--held-out", tmp_path / "held.npy",
               "--min-agreement", 0, "--channel-multiple", 1, "--report", tmp_path / "r.json"]
-    code, text = run_cli(monkeypatch, capsys, *common)
+    code, text = run_cli(monkeypatch, capsys, *common, "--max-data-dependent-error", 1)
     assert code == 0, text
     assert "held-out rel. error (data-dependent)" in text
     assert "warning" in text and "only 40 calibration samples" in " ".join(text.split())
-    code, text = run_cli(monkeypatch, capsys, *common, "--max-data-dependent-error", 1e-4)
-    assert code == 0, text
-    report = json.loads((tmp_path / "r.json").read_text())
-    assert report["summary"]["max_data_dependent_error"] == 1e-4
-    assert not report["changes"]["stripped"] and "reverted" in report["verification"]["note"]
+    for bound in ([], ["--max-data-dependent-error", 1e-4]):  # the default bound is 1e-4
+        code, text = run_cli(monkeypatch, capsys, *common, *bound)
+        assert code == 0, text
+        report = json.loads((tmp_path / "r.json").read_text())
+        assert report["summary"]["max_data_dependent_error"] == 1e-4
+        assert not report["changes"]["stripped"] and "reverted" in report["verification"]["note"]
+        assert "data-dependent strips reverted" in text and "> bound 0.0001" in " ".join(text.split())
 
 
 def test_cli_linearize_smooth_flag(tmp_path, monkeypatch, capsys):

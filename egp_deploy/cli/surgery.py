@@ -13,6 +13,7 @@ import typer
 
 from egp_deploy.cli._common import choices, console, new_app, pass_selection, run_app, stdout
 from egp_deploy.validation import SURGERY_CHOICES
+from egp_deploy.numeric import DATA_DEPENDENT_ERROR_BOUND
 
 Cost = choices("Cost", SURGERY_CHOICES["cost"])
 LatencyBackend = choices("LatencyBackend", SURGERY_CHOICES["latency_backend"])
@@ -55,9 +56,10 @@ def surgery(
     linearize_smooth: bool = typer.Option(
         False, help="Replace GELU/SiLU/HardSwish/Mish whose channels each stayed ON or OFF on calibration data by "
                     "x / 0 (NOT exact: the error is reported and held to the inexact tolerance)."),
-    max_data_dependent_error: Optional[float] = typer.Option(
-        None, help="Bound on the held-out rel. error the data-dependent strips may add; above it they "
-                            "are reverted."),
+    max_data_dependent_error: float = typer.Option(
+        DATA_DEPENDENT_ERROR_BOUND,
+        help="Bound on the held-out rel. error a data-dependent strip may add, at its site and in the result; "
+             "above it the strip is reverted, site by site (1: no bound)."),
     batch_size: int = typer.Option(32, help="Inference batch size for measurement and verification."),
     threads: int = typer.Option(0, help="onnxruntime intra-op threads (0: onnxruntime's default)."),
     cost: Cost = typer.Option(

@@ -49,6 +49,8 @@ class ActivationStats:
     low: float = 0.0  # Clip min (or 0)
     high: float = float("inf")  # Clip max
     extra: dict[str, Any] = field(default_factory=dict)
+    seen_min: np.ndarray | None = None  # per channel: the smallest pre-activation seen
+    seen_max: np.ndarray | None = None  # ... and the largest (how far a strip is off on other data)
 
     @property
     def smooth(self) -> bool:
@@ -246,6 +248,7 @@ def measure_activation_stats(
     index = {n: i for i, n in enumerate(names)}
     acc: dict[str, dict[str, np.ndarray]] = {}
     totals: dict[str, int] = {}
+    extremes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     axes: dict[str, tuple[int, int]] = {}
     reference: list[list[np.ndarray]] = [[] for _ in graph_outputs]
 
@@ -272,6 +275,10 @@ def measure_activation_stats(
             for r, c in counts.items():
                 slot[r] += c
             totals[node.name] = totals.get(node.name, 0) + t.shape[0]
+            if t.shape[0]:
+                lo, hi = t.min(axis=0), t.max(axis=0)
+                old = extremes.get(node.name)
+                extremes[node.name] = (lo, hi) if old is None else (np.minimum(old[0], lo), np.maximum(old[1], hi))
 
     bar = None
     if progress:
@@ -297,6 +304,7 @@ def measure_activation_stats(
             total=totals[node.name], counts=acc[node.name],
             low=float(info.get("low", 0.0)), high=float(info.get("high", np.inf)),
             extra={k: info[k] for k in ("slope", "kind") if k in info},
+            seen_min=extremes.get(node.name, (None, None))[0], seen_max=extremes.get(node.name, (None, None))[1],
         )
     ref = [np.concatenate(parts) if parts and parts[0].ndim else parts[0] for parts in reference]
     return stats, ref

@@ -201,7 +201,13 @@ class MacCost:
         return {"cost": "macs", "max_mac_growth": self.max_mac_growth}
 
 
-def _candidates(chain: Chain, allow_inexact: bool) -> tuple[list[Candidate], list[dict[str, Any]]]:
+def segment_key(chain: Chain, a: int, b: int) -> tuple[str, ...]:
+    """The node names of a segment: how the pipeline names an inexact merge it lets through or drops."""
+    return tuple(n.name for n in chain.nodes[a:b + 1])
+
+
+def _candidates(chain: Chain, allow_inexact: bool, inexact_allowed: frozenset | None = None
+                ) -> tuple[list[Candidate], list[dict[str, Any]]]:
     cands, refused = [], []
     for b in range(len(chain)):
         for a in range(max(0, b - MAX_SEGMENT_LAYERS + 1), b + 1):
@@ -215,22 +221,29 @@ def _candidates(chain: Chain, allow_inexact: bool) -> tuple[list[Candidate], lis
                                 "at the border)" if inexact else "not one layer (geometry, or a residual that "
                                 "cannot fold)"})
                 continue
+            if seg[0].inexact and inexact_allowed is not None and segment_key(chain, a, b) not in inexact_allowed:
+                refused.append({"a": a, "b": b, "why": "inexact merge dropped: its error was above the inexact "
+                                "tolerance (changes.dropped_merges)"})
+                continue
             cands.append(Candidate(a, b, seg[0], seg[1], span))
     return cands, refused
 
 
 def merge_chains(graph: gs.Graph, cost_model=None, allow_inexact: bool = False,
                  module_of: Callable[[str], str | None] = lambda n: None,
-                 log: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                 log: list[dict[str, Any]] | None = None, inexact_allowed: frozenset | None = None
+                 ) -> list[dict[str, Any]]:
     """Plan every chain with ``cost_model`` (MacCost() by default) and merge what the plan says.
 
-    Returns one record per merged segment; every candidate that was priced goes to ``log``."""
+    ``inexact_allowed``: with ``allow_inexact``, the only inexact segments (``segment_key``) that may be
+    merged (None: any). Returns one record per merged segment; every candidate that was priced goes
+    to ``log``."""
     cost_model = cost_model or MacCost()
     planned = []
     for chain in find_chains(graph):
         if len(chain) < 2 and not chain.residual_end:
             continue
-        cands, refused = _candidates(chain, allow_inexact)
+        cands, refused = _candidates(chain, allow_inexact, inexact_allowed)
         if any(c.merges for c in cands):
             planned.append((chain, cands, refused))
         elif log is not None:
@@ -303,7 +316,7 @@ def _rewrite_segment(graph: gs.Graph, chain: Chain, cand: Candidate, allow_inexa
         kind = "residual identity folded (+I) into " + m.parts[0]
     else:
         kind = " + ".join(m.parts)
-    return {"kind": kind, "first": chain.nodes[a].name, "second": node.name,
+    return {"kind": kind, "first": chain.nodes[a].name, "second": node.name, "nodes": list(segment_key(chain, a, b)),
             "layers": names[a:b + 1], "macs_before": cand.macs_span, "macs_after": m.macs,
             "exact": not m.inexact, "border_bias": m.border_map is not None,
             "residuals_folded": len(absorbed), **({"cost": cand.info} if cand.info else {})}

@@ -36,6 +36,7 @@ class Context:
     merge_candidates: list[dict[str, Any]] = field(default_factory=list)  # every segment the planner priced
     sections: dict[str, list] = field(default_factory=dict)  # the changes so far, by section
     stage: str = "prologue"
+    inexact_allowed: frozenset | None = None  # inexact merges (node names) that may be made; None: any
 
     @property
     def relu_offsets(self) -> bool:

@@ -162,8 +162,11 @@ def _contracting(node: gs.Node, t: gs.Tensor) -> str | None:
     return kind
 
 
-def constant_channels(graph: gs.Graph) -> dict[str, Info]:
-    """Forward analysis: which channels of each tensor are sample-independent uniform constants."""
+def constant_channels(graph: gs.Graph, hook: Callable | None = None) -> dict[str, Info]:
+    """Forward analysis: which channels of each tensor are sample-independent uniform constants.
+
+    ``hook(node, get)``: infos of the outputs of nodes this analysis does not know (channel routes and
+    grouped convs, channel_routes.constant_hook), or None."""
     info: dict[str, Info] = {}
 
     def get(t: gs.Tensor, nch: int) -> Info:
@@ -174,6 +177,10 @@ def constant_channels(graph: gs.Graph) -> dict[str, Info]:
 
     for node in graph.nodes:
         if not node.outputs:
+            continue
+        extra = hook(node, get) if hook is not None else None
+        if extra:
+            info.update(extra)
             continue
         out = node.outputs[0]
         nch = channels(out)

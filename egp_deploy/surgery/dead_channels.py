@@ -23,9 +23,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from egp_deploy.surgery._graph import (
-    add_constant_after, channels, const_value, constant_input_response, conv_attrs, conv_weights, gemm_weights,
-    has_padding, new_const, producer, set_conv_weights, set_gemm_weights, spatial_static, static_shape,
+    add_constant_after, channels, const_value, constant_input_response, conv_attrs, conv_weights,
+    dense_conv_weight, gemm_weights, has_padding, new_const, producer, set_conv_weights, set_gemm_weights,
+    spatial_static, static_shape,
 )
+from egp_deploy.surgery.channel_routes import Route, constant_hook, find_routes, grouped_conv, rewrite_route
 from egp_deploy.surgery.constant_channels import (
     BINARY, _aligned, _contracting, _member_data_inputs, _producer_kind, constant_channels,
 )
@@ -62,18 +64,18 @@ def eliminate_dead_channels(graph: gs.Graph, module_of: Callable[[str], str | No
 
     ``channel_multiple`` > 1 keeps every narrowed group at a multiple of it (some dead channels are
     kept, which is exact): runtimes block channels by 8 or 16, and 32 -> 30 channels runs SLOWER than
-    32 on onnxruntime's blocked CPU kernels (docs/surgery.md, "Channel alignment")."""
-    info = constant_channels(graph)
+    32 on onnxruntime's blocked CPU kernels (docs/surgery.md, "Channel alignment"). Groups joined by
+    channel routes or grouped convs are aligned together: a channel kept for one is kept in all."""
+    routes = find_routes(graph)
+    info = constant_channels(graph, constant_hook(routes))
     tensors = graph.tensors()
     uf = _UnionFind()
     member_of: dict[str, list[int]] = {}
-    nodes_by_name = {}
     for node in graph.nodes:
         data = _member_data_inputs(node, graph) if _producer_kind(node) is None else None
         if data is None:
             continue
         member_of[node.name] = data
-        nodes_by_name[node.name] = node
         for i in data:
             uf.union(node.inputs[i].name, node.outputs[0].name)
     groups: dict[str, set[str]] = {}
@@ -81,13 +83,197 @@ def eliminate_dead_channels(graph: gs.Graph, module_of: Callable[[str], str | No
         for t in node.outputs:
             if isinstance(t, gs.Variable) and channels(t) is not None:
                 groups.setdefault(uf.find(t.name), set()).add(t.name)
+    links = _Links(routes, {id(n): {**gc, "node": n} for n in graph.nodes if (gc := grouped_conv(n)) is not None})
+    analyses = {root: _analyze_group(graph, [tensors[n] for n in sorted(names)], member_of, info, links)
+                for root, names in groups.items()}
+    keeps = _solve_keeps(analyses, routes, links, uf.find, channel_multiple)
     records = []
-    for names in groups.values():
-        rec = _eliminate_group(graph, [tensors[n] for n in sorted(names)], member_of, info, module_of,
-                               channel_multiple)
-        if rec:
+    for root, keep in keeps.items():
+        a = analyses[root]
+        if keep is None or keep.all():
+            continue
+        rec = _rewrite_group(graph, a, keep, info, module_of)
+        if rec["producers"]:  # a group a route writes lost the channels of its source's record
             records.append(rec)
+    keep_of = lambda t: keeps.get(uf.find(t.name))  # noqa: E731
+    for node in list(graph.nodes):
+        gc = links.grouped.get(id(node))
+        if gc is not None:
+            rec = _rewrite_grouped(graph, node, gc, keep_of(node.inputs[0]), keep_of(node.outputs[0]), info)
+            if rec:
+                for r in records:  # the record of the group this conv produces says how its groups went
+                    if node.name in r["producers"]:
+                        r.setdefault("conv_groups", {})[node.name] = rec
+    for r in routes:
+        if any(keep_of(t) is not None and not keep_of(t).all() for t in r.sources + r.destinations):
+            rewrite_route(graph, r, lambda t: None if keep_of(t) is None or keep_of(t).all() else keep_of(t))
+    if records:
+        graph.cleanup()
     return records
+
+
+class _Links:
+    """Route and grouped-conv nodes by what they read and write."""
+
+    def __init__(self, routes: list[Route], grouped: dict[int, dict]) -> None:
+        self.grouped = grouped
+        self.readers = {id(r.chain[0] if r.chain else r.node) for r in routes}
+        self.writers = {id(r.node) for r in routes}
+
+
+def _analyze_group(graph, members, member_of, info, links: _Links) -> dict[str, Any] | None:
+    """Which channels of a channel group its exits allow to go (constant at every contracting exit, or
+    read by none); None when something the group cannot narrow reads or writes it. Route exits and
+    producers are left to the other side of the route (dead_channels joins them)."""
+    nch = channels(members[0])
+    if nch is None or nch < 2 or any(channels(t) != nch for t in members):
+        return None
+    member_set = {t.name for t in members}
+    producers, grouped_producers, consumers, member_nodes = [], [], [], {}
+    routed = False
+    for t in members:
+        if t in graph.outputs:
+            return None
+        p = producer(t)
+        if p is None:
+            return None
+        if p.name in member_of and all(p.inputs[i].name in member_set for i in member_of[p.name]):
+            member_nodes[p.name] = p
+        elif _producer_kind(p) and p.outputs[0] is t:
+            producers.append(p)
+        elif id(p) in links.grouped and p.outputs[0] is t:
+            grouped_producers.append(p)
+        elif id(p) in links.writers:
+            routed = True
+        else:
+            return None
+        for n in t.outputs:
+            if n.name in member_of and n.outputs[0].name in member_set:
+                if any(x is t and i not in member_of[n.name] for i, x in enumerate(n.inputs)):
+                    return None
+                continue
+            if _contracting(n, t) or (id(n) in links.grouped and n.inputs[0] is t
+                                      and not any(x is t for x in n.inputs[1:])):
+                consumers.append((n, t))
+            elif id(n) in links.readers:
+                routed = True
+            else:
+                return None
+    if not consumers and not routed:
+        return None
+    # Only what leaves the group matters: a channel pinned to a constant by a Mul(x, 0) inside the
+    # group may be live upstream of the pin and still go everywhere.
+    masks = [info.get(t.name, (np.zeros(nch, bool), None))[0] for _, t in consumers]
+    if any(m.shape[0] != nch for m in masks):
+        return None
+    const_all = np.logical_and.reduce(masks) if masks else np.ones(nch, bool)
+    used = np.zeros(nch, bool)
+    for n, t in consumers:
+        w = _dense_weight(n)
+        if w.ndim > 2:
+            used |= np.abs(w).reshape(w.shape[0], nch, -1).max(axis=(0, 2)) != 0
+        else:
+            used |= np.abs(w).max(axis=1) != 0
+    removable = const_all | ~used
+    for n, t in consumers:  # a constant next to a zero-padded border needs the map's static shape
+        if n.op == "Conv" and has_padding(conv_attrs(n, conv_weights(n)[0].shape)):
+            val = info.get(t.name, (None, np.zeros(nch)))[1]
+            if not spatial_static(t):
+                removable &= ~(used & (val != 0))
+    return {"members": members, "nch": nch, "producers": producers, "grouped_producers": grouped_producers,
+            "consumers": consumers, "member_nodes": member_nodes, "const_all": const_all, "used": used,
+            "removable": removable, "routed": routed}
+
+
+def _dense_weight(n: gs.Node) -> np.ndarray:
+    """A reader's weight over all input channels: (Cout, Cin, k...) for convs (grouped ones expanded),
+    (K, M) for Gemm."""
+    if n.op == "Conv":
+        w = conv_weights(n)[0]
+        return dense_conv_weight(w, int(n.attrs.get("group", 1)))
+    return gemm_weights(n)[0]
+
+
+def _solve_keeps(analyses, routes: list[Route], links: _Links, group_of, channel_multiple: int
+                 ) -> dict[str, np.ndarray | None]:
+    """The channels each group keeps. A channel goes only where it may go in every group a route joins
+    it to; a grouped conv keeps the same number of input (and output) channels in each of its groups,
+    or drops a group whole."""
+    slots = _UnionFind()
+    joined: set[str] = set()
+    for r in routes:
+        for src, si, dst, di in r.pairs:
+            gs_, gd = group_of(src.name), group_of(dst.name)
+            joined.update((gs_, gd))
+            for a, b in zip(si, di):
+                slots.union(f"{gs_}#{a}", f"{gd}#{b}")
+    grouped_tensors = []
+    for gc in links.grouped.values():
+        node = gc["node"]
+        gi, go = group_of(node.inputs[0].name), group_of(node.outputs[0].name)
+        joined.update((gi, go))
+        grouped_tensors.append((gc, gi, go))
+    blocked: set[str] = set()  # slot classes that must stay
+    for root, a in analyses.items():
+        if root not in joined:
+            continue
+        for c in range(a["nch"] if a else 0):
+            if not a["removable"][c]:
+                blocked.add(slots.find(f"{root}#{c}"))
+    for r in routes:  # a channel in a group that cannot narrow cannot go anywhere it is routed
+        for src, si, dst, di in r.pairs:
+            for t, idx in ((src, si), (dst, di)):
+                if analyses.get(group_of(t.name)) is None:
+                    blocked.update(slots.find(f"{group_of(t.name)}#{c}") for c in idx)
+
+    def removable(root: str) -> np.ndarray | None:
+        a = analyses.get(root)
+        if a is None:
+            return None
+        if root not in joined:
+            return a["removable"]
+        return np.array([slots.find(f"{root}#{c}") not in blocked for c in range(a["nch"])])
+
+    changed = True
+    while changed:
+        changed = False
+        for gc, gi, go in grouped_tensors:
+            rin, rout = removable(gi), removable(go)
+            g = gc["groups"]
+            rin = np.zeros(g * gc["cin_g"], bool) if rin is None else rin
+            rout = np.zeros(g * gc["cout_g"], bool) if rout is None else rout
+            rin_g, rout_g = rin.reshape(g, -1), rout.reshape(g, -1)
+            dropped = rin_g.all(axis=1) & rout_g.all(axis=1)
+            if dropped.all():
+                dropped[0] = False
+            for root, r_g in ((gi, rin_g), (go, rout_g)):
+                if analyses.get(root) is None:
+                    continue
+                need = max(1, int((~r_g[~dropped]).sum(axis=1).max()))
+                for k in np.flatnonzero(~dropped):
+                    short = need - int((~r_g[k]).sum())
+                    for c in np.flatnonzero(r_g[k])[:max(short, 0)]:
+                        blocked.add(slots.find(f"{root}#{k * r_g.shape[1] + c}"))
+                        changed = True
+        for root in joined:  # a tensor keeps at least one channel, and an aligned number of them
+            r = removable(root)
+            if r is None or not r.any():
+                continue
+            kept = int((~r).sum())
+            target = min(r.size, max(1, -(-kept // channel_multiple) * channel_multiple))
+            for c in np.flatnonzero(r)[:target - kept]:
+                blocked.add(slots.find(f"{root}#{c}"))
+                changed = True
+    keeps: dict[str, np.ndarray | None] = {}
+    for root in analyses:
+        r = removable(root)
+        if r is None:
+            keeps[root] = None
+        elif root in joined:
+            keeps[root] = ~r
+        else:
+            keeps[root] = aligned_keep(r, channel_multiple)
+    return keeps
 
 
 def aligned_keep(removable: np.ndarray, multiple: int) -> np.ndarray:
@@ -108,80 +294,36 @@ def aligned_keep(removable: np.ndarray, multiple: int) -> np.ndarray:
     return keep
 
 
-def _eliminate_group(graph, members, member_of, info, module_of, channel_multiple: int = 1
-                     ) -> dict[str, Any] | None:
-    nch = channels(members[0])
-    if nch is None or nch < 2 or any(channels(t) != nch for t in members):
-        return None
-    member_set = {t.name for t in members}
-    producers, consumers, member_nodes = [], [], {}
-    for t in members:
-        if t in graph.outputs:
-            return None
-        p = producer(t)
-        if p is None:
-            return None
-        if p.name in member_of and all(p.inputs[i].name in member_set for i in member_of[p.name]):
-            member_nodes[p.name] = p
-        elif _producer_kind(p) and p.outputs[0] is t:
-            producers.append(p)
-        else:
-            return None
-        for n in t.outputs:
-            if n.name in member_of and n.outputs[0].name in member_set:
-                if any(x is t and i not in member_of[n.name] for i, x in enumerate(n.inputs)):
-                    return None
-                continue
-            if _contracting(n, t):
-                consumers.append((n, t))
-            else:
-                return None
-    if not consumers:
-        return None
-    # Only what leaves the group matters: a channel pinned to a constant by a Mul(x, 0) inside the
-    # group may be live upstream of the pin and still go everywhere.
-    masks = [info.get(t.name, (np.zeros(nch, bool), None))[0] for _, t in consumers]
-    if any(m.shape[0] != nch for m in masks):
-        return None
-    const_all = np.logical_and.reduce(masks)
-    used = np.zeros(nch, bool)
-    for n, t in consumers:
-        if _producer_kind(n) == "conv":
-            w = conv_weights(n)[0]
-            used |= np.abs(w).reshape(w.shape[0], nch, -1).max(axis=(0, 2)) != 0
-        else:
-            used |= np.abs(gemm_weights(n)[0]).max(axis=1) != 0
-    removable = const_all | ~used
-    for n, t in consumers:  # a constant next to a zero-padded border needs the map's static shape
-        if _producer_kind(n) == "conv" and has_padding(conv_attrs(n, conv_weights(n)[0].shape)):
-            val = info.get(t.name, (None, np.zeros(nch)))[1]
-            if not spatial_static(t):
-                removable &= ~(used & (val != 0))
-    keep = aligned_keep(removable, channel_multiple)
-    removable = ~keep
-    if not removable.any():
-        return None
+def _rewrite_group(graph, a: dict[str, Any], keep: np.ndarray, info, module_of) -> dict[str, Any]:
+    """Narrow one channel group to ``keep``: producer rows, reader columns (their constants absorbed,
+    with a border map where zero padding meets them), member parameters, tensor shapes. Grouped convs
+    are narrowed by _rewrite_grouped, routes by channel_routes.rewrite_route."""
+    nch, removable = a["nch"], ~keep
     new_c = int(keep.sum())
+    const_all, used = a["const_all"], a["used"]
     # Rows first: a layer can read and write the same group (a residual branch), and its border
     # map must then be computed with the rows that remain.
-    for p in producers:
+    for p in a["producers"]:
         if _producer_kind(p) == "conv":
             w, b = conv_weights(p)
             set_conv_weights(p, np.ascontiguousarray(w[keep]), None if b is None else b[keep])
         else:
             w, c = gemm_weights(p)
             set_gemm_weights(p, w[:, keep], None if c is None else c[keep])
-    for n, t in consumers:
+    for n, t in a["consumers"]:
+        kind = _producer_kind(n)
+        if kind is None:  # a grouped conv
+            continue
         mask, val = info.get(t.name, (np.zeros(nch, bool), np.zeros(nch)))
         v = np.where(removable & mask & used, val, 0.0)[removable]
-        if _producer_kind(n) == "conv":
+        if kind == "conv":
             w, b = conv_weights(n)
-            a = conv_attrs(n, w.shape)
+            at = conv_attrs(n, w.shape)
             b = np.zeros(w.shape[0], np.float64) if b is None else b.astype(np.float64)
             w_rm = w[:, removable].astype(np.float64)
             uniform = w_rm.reshape(w.shape[0], w_rm.shape[1], -1).sum(axis=2) @ v
-            if np.any(v != 0) and has_padding(a):
-                full = constant_input_response(v, w_rm, a, [int(d) for d in static_shape(t)[2:]])
+            if np.any(v != 0) and has_padding(at):
+                full = constant_input_response(v, w_rm, at, [int(d) for d in static_shape(t)[2:]])
                 border = full - uniform.reshape((-1,) + (1,) * (full.ndim - 1))
                 if np.any(border != 0):
                     add_constant_after(graph, n, border.astype(np.float32)[None])
@@ -191,7 +333,7 @@ def _eliminate_group(graph, members, member_of, info, module_of, channel_multipl
             w, c = gemm_weights(n)
             c = (np.zeros(w.shape[1]) if c is None else c.astype(np.float64)) + v @ w[removable].astype(np.float64)
             set_gemm_weights(n, w[keep], c.astype(np.float32))
-    for node in member_nodes.values():
+    for node in a["member_nodes"].values():
         rank = len(static_shape(node.outputs[0]))
         if node.op == "BatchNormalization":
             for i in range(1, 5):
@@ -205,12 +347,53 @@ def _eliminate_group(graph, members, member_of, info, module_of, channel_multipl
             w, b = conv_weights(node)
             set_conv_weights(node, np.ascontiguousarray(w[keep]), None if b is None else b[keep])
             node.attrs["group"] = new_c
-    for t in members:
+    for t in a["members"]:
         t.shape = [t.shape[0], new_c] + list(t.shape[2:])
-    names = [p.name for p in producers]
-    return {
+    names = [p.name for p in a["producers"] + a["grouped_producers"]]
+    rec = {
         "channels_before": nch, "channels_after": new_c,
         "constant": int((removable & const_all).sum()), "unused": int((removable & ~used & ~const_all).sum()),
         "producers": names, "modules": [module_of(n) or n for n in names],
-        "readers": [n.name for n, _ in consumers],
+        "readers": [n.name for n, _ in a["consumers"]],
     }
+    if a["routed"]:
+        rec["routed"] = True  # joined to other groups through Concat / Split / Slice / a channel permutation
+    return rec
+
+
+def _rewrite_grouped(graph, node: gs.Node, gc: dict, keep_in: np.ndarray | None, keep_out: np.ndarray | None,
+                     info) -> list[int] | None:
+    """Narrow a grouped conv to the kept input and output channels: groups whose channels all went are
+    dropped whole, the others keep the same number each (the solver made sure); the constants of
+    removed inputs move into the bias. Returns [groups before, after], or None when nothing changed."""
+    w, b = conv_weights(node)
+    g, cin_g, cout_g = int(node.attrs.get("group", 1)), w.shape[1], w.shape[0] // int(node.attrs.get("group", 1))
+    cin, cout = cin_g * g, w.shape[0]
+    keep_in = np.ones(cin, bool) if keep_in is None else keep_in
+    keep_out = np.ones(cout, bool) if keep_out is None else keep_out
+    if keep_in.all() and keep_out.all():
+        return None
+    at = conv_attrs(node, w.shape)
+    x = node.inputs[0]
+    mask, val = info.get(x.name, (np.zeros(cin, bool), np.zeros(cin)))
+    dense = dense_conv_weight(w, g).astype(np.float64)
+    removed = ~keep_in
+    v = np.where(removed & mask, val, 0.0)[removed]
+    w_rm = dense[:, removed]
+    uniform = w_rm.reshape(cout, w_rm.shape[1], -1).sum(axis=2) @ v
+    bias = (np.zeros(cout) if b is None else b.astype(np.float64)) + uniform
+    live = ~((~keep_in).reshape(g, cin_g).all(axis=1) & (~keep_out).reshape(g, cout_g).all(axis=1))
+    if np.any(v != 0) and has_padding(at):  # the analysis made sure the map is static
+        full = constant_input_response(v, w_rm, at, [int(d) for d in static_shape(x)[2:]])
+        border = (full - uniform.reshape((-1,) + (1,) * (full.ndim - 1)))[keep_out]
+        if np.any(border != 0):
+            add_constant_after(graph, node, border.astype(np.float32)[None])
+    blocks = []
+    for k in np.flatnonzero(live):
+        rows = k * cout_g + np.flatnonzero(keep_out[k * cout_g:(k + 1) * cout_g])
+        cols = np.flatnonzero(keep_in[k * cin_g:(k + 1) * cin_g])
+        blocks.append(w[rows][:, cols])
+    set_conv_weights(node, np.ascontiguousarray(np.concatenate(blocks)),
+                     bias[keep_out].astype(np.float32) if (b is not None or np.any(uniform != 0)) else None)
+    node.attrs["group"] = int(live.sum())
+    return [g, int(live.sum())]

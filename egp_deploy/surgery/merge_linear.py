@@ -13,7 +13,10 @@ from typing import Any, Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from egp_deploy.surgery._graph import fresh_name, new_const, only_consumer
+from egp_deploy.surgery._graph import (
+    add_constant_after, fresh_name, new_const, only_consumer, set_conv_attrs, set_conv_weights, set_gemm_weights,
+)
+from egp_deploy.surgery.affine_maps import compose, layer_affine
 from egp_deploy.surgery.chain_merge import MacCost, merge_chains
 
 
@@ -70,14 +73,67 @@ def _merge_matmul_chain(graph, first: gs.Node, max_growth) -> dict[str, Any] | N
             "macs_after": after, "exact": True, "border_bias": False}
 
 
+def merge_shared_layers(graph: gs.Graph, max_mac_growth: float = 1.0,
+                        module_of: Callable[[str], str | None] = lambda n: None) -> list[dict[str, Any]]:
+    """A Conv/Gemm read only by two or more layers of its kind (a squeeze feeding two expands) is a
+    chain with a fork, which the chains do not follow: merge a copy of it into each reader when every
+    composition is exact and their MACs together are at most ``max_mac_growth`` x those of the shared
+    layer and its readers; the shared layer then goes."""
+    records = []
+    for node in list(graph.nodes):
+        if node.op not in ("Conv", "Gemm") or not node.outputs or not node.inputs:
+            continue
+        t = node.outputs[0]
+        readers = list(t.outputs)
+        if t in graph.outputs or len(readers) < 2 or any(
+                r.op != node.op or not r.inputs or r.inputs[0] is not t or any(x is t for x in r.inputs[1:])
+                for r in readers):
+            continue
+        first = layer_affine(node)
+        seconds = [layer_affine(r) for r in readers]
+        if first is None or any(b is None for b in seconds):
+            continue
+        shapes = [compose(first, b, False, values=False) for b in seconds]
+        if any(m is None or m.inexact for m in shapes):
+            continue
+        before, after = first.macs + sum(b.macs for b in seconds), sum(m.macs for m in shapes)
+        if after > max_mac_growth * before:
+            continue
+        for r, b in zip(readers, seconds):
+            m = compose(first, b, False, values=True)
+            if m.kind == "gemm":
+                set_gemm_weights(r, m.w.astype(np.float32), m.bias.astype(np.float32))
+            else:
+                set_conv_attrs(r, m.attrs())
+                set_conv_weights(r, m.w.astype(np.float32), m.bias.astype(np.float32))
+            r.inputs[0] = node.inputs[0]
+            if m.border_map is not None:
+                add_constant_after(graph, r, m.border_map.astype(np.float32)[None])
+        node.inputs.clear()
+        node.outputs.clear()
+        names = [node.name] + [r.name for r in readers]
+        records.append({"kind": f"{first.parts[0]} shared by {len(readers)}, merged into each", "first": node.name,
+                        "second": readers[0].name, "nodes": names, "macs_before": before, "macs_after": after,
+                        "exact": True, "border_bias": any(m.border for m in shapes), "shared": len(readers),
+                        "modules": [module_of(n) or n for n in names]})
+    if records:
+        graph.cleanup().toposort()
+    return records
+
+
 def merge_linear(graph: gs.Graph, max_mac_growth: float = 1.0, allow_inexact: bool = False,
                  module_of: Callable[[str], str | None] = lambda n: None, cost_model=None,
-                 log: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                 log: list[dict[str, Any]] | None = None, inexact_allowed: frozenset | None = None
+                 ) -> list[dict[str, Any]]:
     """Conv/Gemm chains merged as planned (chain_merge; cost_model: MacCost(max_mac_growth) unless
-    given), then MatMul pairs until none is left; one record per merge, every planned candidate in log."""
-    records = merge_chains(graph, cost_model or MacCost(max_mac_growth), allow_inexact, module_of, log)
+    given; ``inexact_allowed``: see merge_chains), then MatMul pairs until none is left; one record per
+    merge, every planned candidate in log."""
+    records = merge_chains(graph, cost_model or MacCost(max_mac_growth), allow_inexact, module_of, log,
+                           inexact_allowed)
     for rec in records:
         rec["modules"] = rec.pop("layers")
+    if cost_model is None or isinstance(cost_model, MacCost):  # priced by MACs only (not timed)
+        records.extend(merge_shared_layers(graph, max_mac_growth, module_of))
     changed = True
     while changed:
         changed = False

@@ -223,7 +223,7 @@ def _crop_taps(graph, ctx):
 def _merge(graph, ctx):
     """Conv/Gemm chains merged as the planner decides; MatMul pairs merged."""
     records = merge_linear(graph, ctx.options.max_mac_growth, ctx.options.allow_inexact_merge, ctx.module_of,
-                           ctx.cost_model, ctx.merge_candidates)
+                           ctx.cost_model, ctx.merge_candidates, ctx.inexact_allowed)
     return [Change("merged", r) for r in records]
 
 

@@ -12,11 +12,13 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from egp_deploy.errors import InputFileError, UsageError, VerificationError
+from egp_deploy.numeric import DATA_DEPENDENT_ERROR_BOUND
 from egp_deploy.surgery.activation_stats import ActivationStats, check_inputs, measure_activation_stats
 from egp_deploy.surgery.changes import Change, Context, name_scope
 from egp_deploy.surgery.cleanup import refresh_shapes, to_model
 from egp_deploy.surgery.passes import REGISTRY, check_pass_names
 from egp_deploy.surgery.report import module_namer
+from egp_deploy.surgery.strip_activations import strip_error
 from egp_deploy.surgery.verify import NOISE_FACTOR, compare, fp32_noise_floor, passes, run_model
 
 try:
@@ -53,7 +55,8 @@ class SurgeryOptions:
     latency_rounds: int = 30  # interleaved timing rounds per candidate graph
     # transformer / smooth-activation additions (issue 12)
     linearize_smooth: bool = False  # GELU/SiLU/HardSwish/Mish always ON/OFF on calibration -> x / 0 (NOT exact)
-    max_data_dependent_error: float | None = None  # held-out rel. error the data-dependent strips may add
+    # held-out rel. error a data-dependent strip may add, per site and for the whole result (None: no bound)
+    max_data_dependent_error: float | None = DATA_DEPENDENT_ERROR_BOUND
     min_calibration_samples: int = 100  # fewer, with strips on: a warning (channels OFF by chance)
     # pass selection by registered name (surgery/passes.py; egp_deploy.surgery.pass_names())
     skip: list[str] = field(default_factory=list)  # passes not to run
@@ -76,6 +79,27 @@ def _metrics(model: onnx.ModelProto) -> dict[str, Any]:
     return graph_metrics(model)
 
 
+def _input_metrics(model: onnx.ModelProto, named: onnx.ModelProto) -> dict[str, Any]:
+    """The input graph's metrics. MACs its shapes leave unknown (the legacy exporter's run-time shape
+    arithmetic hides channel and spatial sizes) come from a copy with that arithmetic folded: the same
+    layers, so the same MACs, now with static shapes (never a symbolic dim counted as 1)."""
+    before = _metrics(model)
+    if before.get("macs_unknown_nodes"):
+        from egp_deploy.surgery.canonicalize import fold_constants
+
+        try:
+            graph = gs.import_onnx(onnx.shape_inference.infer_shapes(named, data_prop=True))
+        except Exception:
+            return before
+        fold_constants(graph)  # Shape ops of static dims fold only with shapes inferred
+        folded = _metrics(to_model(graph, named, check=False))
+        if folded.get("conv_gemm_layers") == before.get("conv_gemm_layers") \
+                and len(folded["macs_unknown_nodes"]) < len(before["macs_unknown_nodes"]):
+            before.update({k: folded[k] for k in ("macs_dense", "macs_nonzero", "macs_unknown_nodes")},
+                          macs_shapes="static after folding the graph's shape arithmetic")
+    return before
+
+
 def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy whose nodes all have unique names (activation stats are keyed by node name)."""
     named = copy.deepcopy(model)
@@ -90,7 +114,8 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _rewrite(named: onnx.ModelProto, stats: dict[str, ActivationStats] | None, options: SurgeryOptions,
-             module_of, cost_model=None) -> tuple[onnx.ModelProto, dict[str, list], dict[str, float]]:
+             module_of, cost_model=None, inexact_allowed: frozenset | None = None
+             ) -> tuple[onnx.ModelProto, dict[str, list], dict[str, float]]:
     """The registered passes (surgery/passes.py) in order: the prologue once, the rounds until no
     pass changes anything (at most ``max_rounds``), the epilogue once when one of its own passes
     applies. Shapes are re-inferred before a pass that needs them, only if the graph changed since."""
@@ -99,7 +124,7 @@ def _rewrite(named: onnx.ModelProto, stats: dict[str, ActivationStats] | None, o
     except Exception:
         inferred = named
     ctx = Context(options=options, stats=stats, module_of=module_of, cost_model=cost_model,
-                  sections={k: [] for k in REPORT_SECTIONS})
+                  sections={k: [] for k in REPORT_SECTIONS}, inexact_allowed=inexact_allowed)
     state = {"graph": gs.import_onnx(inferred), "stale": False}
     times: dict[str, float] = {}
 
@@ -154,10 +179,13 @@ def _record(sections: dict[str, list], done: list[Change]) -> bool:
     return changed
 
 
-def _data_dependent_ok(result: dict[str, Any], options: SurgeryOptions) -> bool:
+def _data_dependent_ok(result: dict[str, Any], options: SurgeryOptions, inexact: bool = False) -> bool:
+    """Whether the held-out result keeps the strips' bounds (with inexact rewrites in it, its error is
+    theirs too, held to the inexact tolerance: the strips are then bounded per site only)."""
     if not result["finite"] or result["problem"]:
         return False
-    if options.max_data_dependent_error is not None and result["rel_error"] > options.max_data_dependent_error:
+    if not inexact and options.max_data_dependent_error is not None \
+            and result["rel_error"] > options.max_data_dependent_error:
         return False
     if result["top1_agreement"] is not None:
         return result["top1_agreement"] >= options.min_held_out_agreement
@@ -183,8 +211,6 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
     calibration = check_inputs(model, calibration, "calibration data")
     if held_out is not None:
         held_out = check_inputs(model, held_out, "held-out data")
-    elif options.max_data_dependent_error is not None and options.strip_activations:
-        raise UsageError("a bound on the data-dependent error (max_data_dependent_error) needs held-out data")
     module_of = module_namer(model)
     named = name_nodes(model)
     timings: dict[str, Any] = {"passes_s": {}}  # passes_s: seconds per registered pass (both attempts)
@@ -195,7 +221,13 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
 
     t = time.perf_counter()
     stats, ref_cal = measure_activation_stats(named, calibration, options.batch_size, options.threads, options.progress)
-    ref_held = run_model(named, held_out, options.batch_size, options.threads) if held_out is not None else None
+    use_strips = options.strip_activations and bool(stats)
+    held_stats: dict[str, ActivationStats] = {}
+    ref_held = None
+    if held_out is not None and use_strips:  # the same run also says how far each strip is off there
+        held_stats, ref_held = measure_activation_stats(named, held_out, options.batch_size, options.threads)
+    elif held_out is not None:
+        ref_held = run_model(named, held_out, options.batch_size, options.threads)
     timings["measure_s"] = time.perf_counter() - t
     warnings = []
     strippable = any(not s.smooth for s in stats.values()) or options.linearize_smooth
@@ -205,12 +237,19 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
                         "(and check the held-out error below)")
 
     planner: dict[str, Any] = {}
-    use_strips = options.strip_activations and bool(stats)
     _check_table_covers_plan(cost_model, named, stats, options, module_of, use_strips, held_out is not None)
 
-    def attempt(use_stats: bool):
+    plan: dict[str, Any] = {"reverted": None, "inexact_allowed": None}  # what the next attempt leaves out
+
+    def attempt(**update):
+        """The rewrite and its verification. ``reverted``: sites not to strip (None: no strips at all);
+        ``inexact_allowed``: the inexact merges that may be made (None: any)."""
+        plan.update(update)
         t1 = time.perf_counter()
-        out, changes, pass_times = _rewrite(named, stats if use_stats else None, options, module_of, cost_model)
+        reverted = plan["reverted"]
+        site_stats = None if reverted is None else {k: v for k, v in stats.items() if k not in reverted}
+        out, changes, pass_times = _rewrite(named, site_stats, options, module_of, cost_model,
+                                            plan["inexact_allowed"])
         for name, sec in pass_times.items():
             timings["passes_s"][name] = timings["passes_s"].get(name, 0.0) + sec
         planner["candidates"] = unique_candidates(changes.pop("merge_candidates"))
@@ -227,19 +266,44 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
         timings["verify_s"] = timings.get("verify_s", 0.0) + time.perf_counter() - t1
         return out, changes, cal, held
 
-    out, changes, cal, held = attempt(use_strips)
+    # Per site first: a strip whose own held-out error is above the bound is never made.
+    site_errors = {n: e for n, e in ((n, strip_error(st, held_stats[n])) for n, st in stats.items()
+                                     if n in held_stats) if e is not None}
+    bound = options.max_data_dependent_error
+    reverted = {n: f"held-out error {e['held_out_error']:.2e} > bound {bound:g}" for n, e in site_errors.items()
+                if bound is not None and e["held_out_error"] > bound}
+    out, changes, cal, held = attempt(reverted=set(reverted) if use_strips else None)
     note = None
+    out, changes, cal, held, dropped = _drop_inexact_merges(attempt, out, changes, cal, held, options)
+    # Then the whole result: where it misses the bounds on held-out data, revert the sites that are off
+    # there at all (a strip exact on held-out data cannot cause it), and as a last resort every strip.
     # (linearised smooth activations are judged by the inexact tolerance instead, on both data sets)
-    if changes["stripped"] and held is not None and not _data_dependent_ok(held, options) \
-            and passes(cal, options.tolerance if not _inexact(changes) else options.inexact_tolerance):
-        bound = "" if options.max_data_dependent_error is None else \
-            f", rel. error <= {options.max_data_dependent_error:g}"
-        note = ("data-dependent strips reverted: on held-out data they kept top-1 agreement "
-                f"{_pct(held['top1_agreement'])} / rel. error {held['rel_error']:.2e}, outside the bounds "
-                f"(agreement >= {options.min_held_out_agreement:.2%}{bound})")
-        strip_held = held
-        out, changes, cal, held = attempt(False)
-        changes["reverted_strips"] = [{"held_out": strip_held}]
+    for last in (False, True):
+        if not (changes["stripped"] and held is not None and not _data_dependent_ok(held, options, _inexact(changes))
+                and passes(cal, options.tolerance if not _inexact(changes) else options.inexact_tolerance)):
+            break
+        stripped = [r["node"] for r in changes["stripped"]]
+        off = [n for n in stripped if last or site_errors.get(n, {"held_out_error": 1.0})["held_out_error"] > 0]
+        if not last and len(off) in (0, len(stripped)):
+            continue  # reverting them would leave nothing or change nothing: the last resort
+        why = (f"the result kept top-1 agreement {_pct(held['top1_agreement'])} / rel. error "
+               f"{held['rel_error']:.2e} on held-out data, outside the bounds (agreement >= "
+               f"{options.min_held_out_agreement:.2%}{'' if bound is None else f', rel. error <= {bound:g}'})")
+        reverted.update({n: why for n in off})
+        note = f"{len(reverted)} data-dependent strip{'s' if len(reverted) > 1 else ''} reverted: {why}"
+        out, changes, cal, held = attempt(reverted=None if last else set(reverted))
+    if reverted and note is None:
+        note = (f"{len(reverted)} data-dependent strip{'s' if len(reverted) > 1 else ''} reverted: held-out "
+                f"error at the site above the bound {bound:g} (--max-data-dependent-error)")
+    if reverted:
+        changes["reverted_strips"] = [
+            {"node": n, "module": module_of(n), "op": stats[n].op, **site_errors.get(n, {}), "why": why}
+            for n, why in reverted.items()]
+    if dropped:
+        changes["dropped_merges"] = dropped
+        extra = (f"{len(dropped)} inexact merge{'s' if len(dropped) > 1 else ''} dropped: rel. error above the "
+                 f"inexact tolerance {options.inexact_tolerance:g} (changes.dropped_merges)")
+        note = extra if note is None else note + "; " + extra
     if held_out is None and _data_dependent(changes):
         note = ("no held-out data: the data-dependent strips are verified on the calibration data only; "
                 "pass held-out inputs to check that they generalise")
@@ -280,13 +344,15 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
         if changes.get("linearized") else None,
         "data_dependent": {
             "strips": len(changes["stripped"]),
+            "bound": bound,
+            "reverted": len(changes.get("reverted_strips", [])),
             "held_out": held if changes["stripped"] else None,
             "note": "activations found always linear on calibration data are exact there by construction; "
                     "their held-out agreement is the data-dependent figure",
         },
         "note": note,
     }
-    before, after = _metrics(model), _metrics(out)
+    before, after = _input_metrics(model, named), _metrics(out)
     remaining = {n.name for n in out.graph.node}
     layers_removed = [module_of(n.name) or n.name for n in named.graph.node
                       if n.op_type in ("Conv", "Gemm", "MatMul", "ConvTranspose") and n.name not in remaining]
@@ -319,6 +385,7 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
             "data_dependent_held_out_error": held["rel_error"] if held is not None and _data_dependent(changes)
             else None,
             "max_data_dependent_error": options.max_data_dependent_error,
+            "strips_reverted": len(changes.get("reverted_strips", [])),
             "layers_removed": len(layers_removed),
         },
         "layers_removed": layers_removed,
@@ -350,6 +417,39 @@ def _check_table_covers_plan(cost_model, named, stats, options, module_of, use_s
             _rewrite(named, stats if use_stats else None, options, module_of, cost_model)
     if lacking:
         raise cost_model.lacks_timings(len(lacking))
+
+
+def _drop_inexact_merges(attempt, out, changes, cal, held, options: SurgeryOptions):
+    """With inexact merges in a result above the inexact tolerance: measure each alone (the only
+    inexact merge allowed), redo the rewrite without those above the tolerance, and without any if
+    that still misses. Returns the attempt's (out, changes, cal, held) and a record per dropped merge."""
+    tol = options.inexact_tolerance
+
+    def within(c, h):
+        return passes(c, tol) and (h is None or passes(h, tol))
+
+    inexact = [m for m in changes.get("merged", []) if not m.get("exact", True) and "nodes" in m]
+    if not inexact or within(cal, held):
+        return out, changes, cal, held, []
+    dropped = []
+    for m in inexact:
+        _, _, c, h = attempt(inexact_allowed=frozenset({tuple(m["nodes"])}))
+        if not within(c, h):
+            dropped.append({"modules": m["modules"], "kind": m["kind"], "nodes": m["nodes"],
+                            "calibration_rel_error": c["rel_error"],
+                            "held_out_rel_error": None if h is None else h["rel_error"],
+                            "why": f"rel. error above the inexact tolerance {tol:g} when made alone"})
+    kept = frozenset(tuple(m["nodes"]) for m in inexact) - {tuple(d["nodes"]) for d in dropped}
+    out, changes, cal, held = attempt(inexact_allowed=kept)
+    if not within(cal, held) and _inexact(changes):  # together still too far: exact merges only
+        for m in changes.get("merged", []):
+            if not m.get("exact", True):
+                dropped.append({"modules": m["modules"], "kind": m["kind"], "nodes": m["nodes"],
+                                "calibration_rel_error": cal["rel_error"],
+                                "held_out_rel_error": None if held is None else held["rel_error"],
+                                "why": f"the inexact merges together were above the tolerance {tol:g}"})
+        out, changes, cal, held = attempt(inexact_allowed=frozenset())
+    return out, changes, cal, held, dropped
 
 
 def _inexact(changes: dict[str, list]) -> bool:

@@ -105,6 +105,12 @@ def print_report(report: dict[str, Any], console=None) -> None:
         change = "-"
         if isinstance(b, (int, float)) and isinstance(a, (int, float)) and b:
             change = f"{(a - b) / b * 100:+.1f} %"
+        if key.startswith("macs") and (before.get("macs_unknown_nodes") or after.get("macs_unknown_nodes")):
+            # layers whose shapes are unknown are left out of the sum: not comparable
+            cells = [_fmt(v) + (f" + {len(m['macs_unknown_nodes'])} unknown" if m.get("macs_unknown_nodes") else "")
+                     for v, m in ((b, before), (a, after))]
+            table.add_row(label, *cells, "-")
+            continue
         table.add_row(label, _fmt(b), _fmt(a), change)
     summary = report.get("summary", {})
     dd = summary.get("data_dependent_held_out_error")
@@ -124,12 +130,14 @@ def print_report(report: dict[str, Any], console=None) -> None:
                       f"{len(exact)}: {', '.join(exact)}", soft_wrap=True)
     lists = report.get("changes", {})
     for key, title in (("stripped", "activations stripped (data-dependent)"),
+                       ("reverted_strips", "data-dependent strips reverted"),
                        ("constant_layers", "constant layers folded"),
                        ("dead_channels", "channel groups narrowed"),
                        ("dead_taps", "kernels cropped to their nonzero taps"),
                        ("mlp_units", "token MLPs narrowed"),
                        ("linearized", "smooth activations linearized (NOT exact)"),
-                       ("merged", "linear layers merged")):
+                       ("merged", "linear layers merged"),
+                       ("dropped_merges", "inexact merges dropped")):
         items = lists.get(key, [])
         if not items:
             continue
@@ -164,6 +172,10 @@ def print_report(report: dict[str, Any], console=None) -> None:
 def _describe(key: str, it: dict[str, Any]) -> str:
     if key == "stripped":
         return f"{it.get('module') or it['node']} ({it['op']}): {it['action']}"
+    if key == "reverted_strips":
+        left = "" if it.get("channels_left_region") is None else \
+            f" ({it['channels_left_region']} of {it['channels_stripped']} channels left their calibration region)"
+        return f"{it.get('module') or it['node']} ({it['op']}): {it['why']}{left}"
     if key == "constant_layers":
         mods = list(dict.fromkeys(it.get("folded_modules") or []))  # a GELU's Erf arithmetic is 5 nodes of one module
         into = "".join(f"; {c['concat']}: {c['channels_before']} -> {c['channels_after']} channels, the constant "
@@ -181,6 +193,9 @@ def _describe(key: str, it: dict[str, Any]) -> str:
     if key == "mlp_units":
         return (f"{' + '.join(it['modules'])}: {it['units_before']} -> {it['units_after']} hidden units "
                 f"({it['constant']} constant, {it['unused']} unused)")
+    if key == "dropped_merges":
+        held = "" if it.get("held_out_rel_error") is None else f", {it['held_out_rel_error']:.2e} held-out"
+        return f"{' + '.join(it['modules'])} ({it['kind']}): rel. error {it['calibration_rel_error']:.2e}{held}: {it['why']}"
     if key == "merged":
         return f"{' + '.join(it['modules'])}: {it['kind']}"
     return json.dumps(it)

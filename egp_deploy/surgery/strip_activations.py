@@ -38,6 +38,61 @@ def _affine_for(stats: ActivationStats) -> tuple[np.ndarray, np.ndarray, np.ndar
     return linear, scale, shift
 
 
+def strip_plan(stats: ActivationStats) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(channels the strip replaces, per-channel scale, shift), or None where nothing is stripped:
+    every channel when all are linear, else only the constant ones (pinned)."""
+    if stats.smooth:
+        return None
+    linear, scale, shift = _affine_for(stats)
+    if linear.all():
+        return linear, scale, shift
+    const = (scale == 0.0) & linear
+    return (const, scale, shift) if const.any() else None
+
+
+def _slope(stats: ActivationStats) -> np.ndarray:
+    s = np.asarray(stats.extra.get("slope", 0.01), np.float64).reshape(-1)
+    return np.broadcast_to(s, (stats.channels,)) if s.size in (1, stats.channels) else np.zeros(stats.channels)
+
+
+def _rectify(stats: ActivationStats, x: np.ndarray) -> np.ndarray:
+    if stats.op == "Clip":
+        return np.clip(x, stats.low, stats.high)
+    if stats.op == "Relu":
+        return np.maximum(x, 0.0)
+    return np.where(x > 0, x, x * _slope(stats))  # LeakyRelu / PRelu
+
+
+def strip_error(measured: ActivationStats, other: ActivationStats) -> dict[str, Any] | None:
+    """How far the strip made from ``measured`` is off on the data ``other`` was measured on: the
+    largest |activation - strip| over the channels it replaces, relative to the largest |activation|
+    there (both piecewise linear, so the extremes sit at the seen min/max or a kink between them),
+    and how many of those channels left their calibration region. None where nothing is stripped."""
+    plan = strip_plan(measured)
+    if plan is None:
+        return None
+    applied, scale, shift = plan
+    lo, hi = other.seen_min, other.seen_max
+    if lo is None or hi is None or lo.shape != (measured.channels,) or other.op != measured.op:
+        return {"held_out_error": float("inf"), "channels_left_region": int(applied.sum()),
+                "channels_stripped": int(applied.sum())}
+    lo, hi = lo.astype(np.float64), hi.astype(np.float64)
+    points = np.stack([lo, hi] + [np.clip(k, lo, hi) for k in _kinks(measured)])
+    f = _rectify(measured, points)
+    dev = np.abs(f - (points * scale + shift))[:, applied].max()
+    size = np.abs(f).max()
+    err = 0.0 if dev == 0 else (float(dev / size) if size > 0 else float("inf"))
+    left = applied & (other.channel_states() != measured.channel_states())
+    return {"held_out_error": err, "channels_left_region": int(left.sum()), "channels_stripped": int(applied.sum())}
+
+
+def _kinks(stats: ActivationStats) -> list[float]:
+    """Where the rectifier changes slope (the finite bounds of a Clip; 0 for the others)."""
+    if stats.op == "Clip":
+        return [b for b in (stats.low, stats.high) if np.isfinite(b)]
+    return [0.0]
+
+
 def _param_shape(stats: ActivationStats) -> tuple[int, ...]:
     if stats.channel_axis == stats.rank - 1 or stats.rank < 2:
         return (stats.channels,)
@@ -99,15 +154,18 @@ def strip_activations(
     records = []
     for node in list(graph.nodes):
         st = stats.get(node.name)
-        if st is None or node.op != st.op or not node.outputs or st.smooth:  # smooth: never exact
+        if st is None or node.op != st.op or not node.outputs:
             continue
-        linear, scale, shift = _affine_for(st)
+        plan = strip_plan(st)  # smooth ones: never exact, never stripped here
+        if plan is None:
+            continue
+        applied, scale, shift = plan
         states = st.channel_states()
         pshape = _param_shape(st)
         summary = {r: int((states == r).sum()) for r in list(st.counts) + ["mixed"]}
         rec = {"node": node.name, "module": module_of(node.name), "op": node.op, "channels": st.channels,
                "always": summary, "entropy": st.layer_entropy, "data_dependent": True}
-        if linear.all():
+        if applied.all():
             y = node.outputs[0]
             x = node.inputs[0]
             if np.all(scale == 1.0) and np.all(shift == 0.0):
@@ -119,9 +177,7 @@ def strip_activations(
             _append_affine(graph, node, x, scale, shift, pshape, y)
             records.append({**rec, "action": "replaced by per-channel linear map"})
         else:
-            const = (scale == 0.0) & linear
-            if not const.any():
-                continue
+            const = applied
             y = node.outputs[0]
             mid = gs.Variable(fresh_name(node.name + ".out"), dtype=np.float32)
             node.outputs = [mid]

@@ -1,0 +1,114 @@
+"""Dead channels through grouped convs (ResNeXt/RegNet) and through channel routes (ShuffleNetV2's
+split, concat and channel shuffle): the widths an exact surgery can reach, computed by hand, with both
+torch exporters; unpruned blocks come out unchanged and exact."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from egp_deploy.surgery import SurgeryOptions, optimize
+from surgery_blocks_channels import GroupedBottleneck, ShuffleUnit, export
+from test_surgery_helpers import outputs, randn, randomize_bn, rel_error
+
+TOL = 1e-5
+OPTS = dict(batch_size=64, channel_multiple=1, strip_activations=False)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_dynamo():
+    logging.disable(logging.WARNING)  # the dynamo exporter's "torchvision is not installed" lines
+    yield
+    logging.disable(logging.NOTSET)
+
+
+def conv_layout(model) -> list[tuple[list[int], int]]:
+    """(weight shape, group) of every Conv, in graph order."""
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    return [(dims[n.input[1]], next((a.i for a in n.attribute if a.name == "group"), 1))
+            for n in model.graph.node if n.op_type == "Conv"]
+
+
+def _surgery(net, dynamo: bool, **opts):
+    model = export(net, (1, 3, 8, 8), dynamo=dynamo)
+    held = randn(32, 3, 8, 8, seed=1)
+    res = optimize(model, randn(64, 3, 8, 8), held, SurgeryOptions(**{**OPTS, **opts}))
+    assert rel_error(outputs(model, held), outputs(res.model, held)) <= TOL
+    return model, res
+
+
+def _bottleneck(dead_rows) -> GroupedBottleneck:
+    torch.manual_seed(0)
+    net = randomize_bn(GroupedBottleneck(c=32, groups=4))
+    with torch.no_grad():  # conv1 rows that are 0 after BN + ReLU: the grouped conv's inputs there are dead
+        net.conv1.weight[dead_rows] = 0.0
+        net.bn1.bias[dead_rows] = -5.0
+    return net
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_whole_dead_groups_halve_the_grouped_conv(dynamo):
+    _, res = _surgery(_bottleneck(list(range(16, 32))), dynamo)
+    # groups 2 and 3 of the 3x3 read only dead channels, so they output constants that conv3 absorbs:
+    # conv1 keeps 16 rows, the grouped conv keeps groups 0 and 1 (16 in, 16 out, 2 groups), conv3 16 columns
+    assert conv_layout(res.model) == [([32, 3, 3, 3], 1), ([16, 32, 1, 1], 1), ([16, 8, 3, 3], 2),
+                                      ([32, 16, 1, 1], 1)]
+    rec = next(r for r in res.report["changes"]["dead_channels"] if "conv_groups" in r)
+    assert list(rec["conv_groups"].values()) == [[4, 2]] and rec["channels_after"] == 16
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_even_dead_channels_narrow_every_group_and_uneven_ones_stay(dynamo):
+    _, even = _surgery(_bottleneck([0, 8, 16, 24]), dynamo)  # one dead input in each group
+    assert conv_layout(even.model) == [([32, 3, 3, 3], 1), ([28, 32, 1, 1], 1), ([32, 7, 3, 3], 4),
+                                       ([32, 32, 1, 1], 1)]
+    # 2 dead in group 0 and 1 in group 1: every group must keep the same number (8): nothing goes
+    model, uneven = _surgery(_bottleneck([0, 1, 8]), dynamo)
+    assert conv_layout(uneven.model) == conv_layout(model) and not uneven.report["changes"]["dead_channels"]
+
+
+def _shuffle_unit(plant: bool) -> ShuffleUnit:
+    torch.manual_seed(0)
+    net = randomize_bn(ShuffleUnit(c=16))
+    if plant:
+        with torch.no_grad():
+            net.stem.weight[0:4] = 0.0  # stem channels 0..3 -> the untouched half -> concat -> shuffle -> head
+            net.stem.bias[0:4] = -1.0
+            net.stem.weight[8:12] = 0.0  # stem channels 8..11 -> the branch's first 1x1
+            net.stem.bias[8:12] = -1.0
+            net.branch[5].weight[0:4] = 0.0  # branch outputs 0..3 are 0 after BN + ReLU -> concat -> head
+            net.branch[6].bias[0:4] = -5.0
+    return net
+
+
+def test_routed_groups_stay_aligned():
+    model, res = _surgery(_shuffle_unit(plant=True), False, channel_multiple=8)
+    # every tensor the split/concat/shuffle joins keeps a multiple of 8: each 8-channel half keeps all
+    # of its 8, and through the routes so do the stem and the branch: nothing goes
+    assert conv_layout(res.model) == conv_layout(model) and not res.report["changes"]["dead_channels"]
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+def test_dead_channels_cross_split_concat_and_shuffle(dynamo):
+    model, res = _surgery(_shuffle_unit(plant=True), dynamo)
+    # stem 16 -> 8 (4 per half; the split becomes 4 + 4), the branch reads 4 and writes 4 of 8, the head
+    # reads the 8 channels left after concat and shuffle; the shuffle becomes one Gather of the kept ones
+    assert conv_layout(res.model) == [([8, 3, 3, 3], 1), ([8, 4, 1, 1], 1), ([8, 1, 3, 3], 8),
+                                      ([4, 8, 1, 1], 1), ([8, 8, 1, 1], 1)]
+    ops = [n.op_type for n in res.model.graph.node]
+    assert "Gather" in ops and "Transpose" not in ops
+    removed = sum(r["channels_before"] - r["channels_after"] for r in res.report["changes"]["dead_channels"])
+    assert removed == res.report["summary"]["channels_removed"] == 8 + 4  # stem rows and branch.5 rows
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+@pytest.mark.parametrize("block", ["shuffle", "grouped"])
+def test_unpruned_blocks_come_out_unchanged_and_exact(block, dynamo):
+    net = _shuffle_unit(plant=False) if block == "shuffle" else _bottleneck([])
+    model, res = _surgery(net, dynamo, channel_multiple=8)
+    assert conv_layout(res.model) == conv_layout(model)
+    assert not res.report["changes"]["dead_channels"] and not res.report["layers_removed"]
+    assert res.report["after"]["macs_dense"] == res.report["before"]["macs_dense"]
