@@ -12,7 +12,6 @@ rank (and masks are broadcast from rank 0), and only rank 0 writes.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
