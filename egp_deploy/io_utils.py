@@ -224,6 +224,7 @@ def folder_lock(folder: str | os.PathLike, command: str = "egp-deploy") -> Itera
     from egp_deploy.errors import UsageError
 
     folder = Path(folder)
+    created = [d for d in (folder, *folder.parents) if not d.exists()]  # removed again if the run leaves them empty
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_NAME
     me = {"command": command, "pid": os.getpid(), "host": _HOST, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -256,6 +257,9 @@ def folder_lock(folder: str | os.PathLike, command: str = "egp-deploy") -> Itera
         if _lock_holder(lock).get("pid") == os.getpid():
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()
+        for d in created:  # deepest first: a run refused before writing anything leaves no folder behind
+            with contextlib.suppress(OSError):
+                d.rmdir()
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
