@@ -6,7 +6,6 @@ left alone."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -113,7 +112,8 @@ def _run_dynamic(net: nn.Module):
 
 
 @pytest.mark.parametrize("tail", [
-    nn.Sequential(nn.BatchNorm2d(16), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(), nn.Conv2d(16, 4, 3, padding=1)),
+    nn.Sequential(nn.BatchNorm2d(16), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+                  nn.Conv2d(16, 4, 3, padding=1)),
     nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)),
 ], ids=["bn_depthwise_padded_conv", "pool_flatten_gemm"])
 def test_constant_slice_through_channel_keeping_ops(tail):

@@ -53,6 +53,13 @@ def is_channel_concat(node: gs.Node) -> bool:
     return (axis + len(shape) if axis < 0 else axis) == 1 and all(channels(x) is not None for x in node.inputs)
 
 
+def _keeps_channels_of(node: gs.Node, t: gs.Tensor, graph: gs.Graph) -> bool:
+    """``node`` maps channel c of ``t``, its only live data input (read once), to channel c of its output."""
+    if _producer_kind(node) is not None or sum(x is t for x in node.inputs) != 1:
+        return False
+    return _member_data_inputs(node, graph) == [[x is t for x in node.inputs].index(True)]
+
+
 def concat_region(graph: gs.Graph, concat: gs.Node) -> ConcatRegion | None:
     """The region of ``concat``'s output, or None when some reader cannot be split (a graph output, a
     layout op, an element-wise op with a second live input, a grouped conv, ...)."""
@@ -70,14 +77,9 @@ def concat_region(graph: gs.Graph, concat: gs.Node) -> ConcatRegion | None:
             if _contracting(n, t):
                 exits.append((n, t))
                 continue
-            if is_channel_concat(n):
-                out = n.outputs[0]
-            else:
-                data = _member_data_inputs(n, graph) if _producer_kind(n) is None else None
-                if data != [next((i for i, x in enumerate(n.inputs) if x is t), -1)] or \
-                        sum(x is t for x in n.inputs) != 1 or len(n.outputs) < 1:
-                    return None
-                out = n.outputs[0]
+            if not is_channel_concat(n) and not _keeps_channels_of(n, t, graph):
+                return None
+            out = n.outputs[0]
             nodes[id(n)] = n
             if out.name not in seen:
                 seen.add(out.name)
@@ -88,22 +90,14 @@ def concat_region(graph: gs.Graph, concat: gs.Node) -> ConcatRegion | None:
 
 
 def sample_independent(graph: gs.Graph) -> Callable[[gs.Tensor], bool]:
-    """A predicate: the tensor is computed from constants only (the same for every sample)."""
-    memo: dict[str, bool] = {}
-
-    def check(t: gs.Tensor) -> bool:
-        if isinstance(t, gs.Constant):
-            return True
-        if t.name in memo:
-            return memo[t.name]
-        memo[t.name] = False  # (graphs are acyclic; this only guards the recursion)
-        p = t.inputs[0] if len(t.inputs) else None
-        if p is None or t in graph.inputs:
-            return False
-        ok = p.op == "Constant" if not p.inputs else all(check(x) for x in p.inputs if x.name)
-        memo[t.name] = ok
-        return ok
-    return check
+    """A predicate: the tensor is computed from constants only (the same for every sample). One pass
+    over the (topologically sorted) nodes, so deep graphs cost no recursion."""
+    fixed: set[str] = set()
+    for node in graph.nodes:
+        ins = [x for x in node.inputs if x.name]
+        if (ins or node.op == "Constant") and all(isinstance(x, gs.Constant) or x.name in fixed for x in ins):
+            fixed.update(o.name for o in node.outputs)
+    return lambda t: isinstance(t, gs.Constant) or t.name in fixed
 
 
 def _concat(graph: gs.Graph, parts: list[gs.Tensor], base: str) -> gs.Tensor:
@@ -175,18 +169,17 @@ def absorb_concat_constants(graph: gs.Graph, concat: gs.Node, constant: Callable
     for node, t in region.exits:
         rm = removed[t.name]
         response = gs.Variable(fresh_name(node.outputs[0].name + ".constant_part"), dtype=node.outputs[0].dtype)
+        name = fresh_name(node.name + "/egp_constant_part")
         if _producer_kind(node) == "conv":
             w, b = conv_weights(node)
-            graph.nodes.append(gs.Node("Conv", name=fresh_name(node.name + "/egp_constant_part"),
-                                       attrs=dict(node.attrs),
-                                       inputs=[side[t.name], new_const(np.ascontiguousarray(w[:, rm]), node.name + ".weight")],
+            weight = new_const(np.ascontiguousarray(w[:, rm]), node.name + ".weight")
+            graph.nodes.append(gs.Node("Conv", name=name, attrs=dict(node.attrs), inputs=[side[t.name], weight],
                                        outputs=[response]))
             set_conv_weights(node, np.ascontiguousarray(w[:, ~rm]), b)
         else:
             w, c = gemm_weights(node)
-            graph.nodes.append(gs.Node("MatMul", name=fresh_name(node.name + "/egp_constant_part"),
-                                       inputs=[side[t.name], new_const(np.ascontiguousarray(w[rm]), node.name + ".weight")],
-                                       outputs=[response]))
+            weight = new_const(np.ascontiguousarray(w[rm]), node.name + ".weight")
+            graph.nodes.append(gs.Node("MatMul", name=name, inputs=[side[t.name], weight], outputs=[response]))
             set_gemm_weights(node, np.ascontiguousarray(w[~rm]), c)
         add_constant_after(graph, node, response)
     for name, rm in removed.items():  # the live tensors keep their other dims
