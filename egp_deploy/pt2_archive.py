@@ -9,6 +9,7 @@ So before torch sees the bytes, :func:`check_archive` reads the archive itself a
 - member names two zip readers could resolve differently (torch's finds names ignoring case and
   takes the first of two equal names, Python's zipfile the last): duplicates, names equal but for
   case, control characters, backslashes, ``..``, members outside the one root folder;
+- members that expand far beyond the archive's size (a zip bomb: the check reads every member);
 - members torch would unpickle with code (``use_pickle`` payloads, ``custom_obj_*``/``opaque_obj_*``
   constants) and members holding native code (``data/aotinductor/``, anything unknown);
 - Python-like strings that are more than the arithmetic of shapes (guard code, ``expr_str``);
