@@ -9,6 +9,7 @@ So before torch sees the bytes, :func:`check_archive` reads the archive itself a
 - member names two zip readers could resolve differently (torch's finds names ignoring case and
   takes the first of two equal names, Python's zipfile the last): duplicates, names equal but for
   case, control characters, backslashes, ``..``, members outside the one root folder;
+- members that expand far beyond the archive's size (a zip bomb: the check reads every member);
 - members torch would unpickle with code (``use_pickle`` payloads, ``custom_obj_*``/``opaque_obj_*``
   constants) and members holding native code (``data/aotinductor/``, anything unknown);
 - Python-like strings that are more than the arithmetic of shapes (guard code, ``expr_str``);
@@ -45,6 +46,9 @@ _DATA_MEMBER = re.compile(
 _PROGRAM_JSON = re.compile(r"^(models/[^/]+\.json|serialized_exported_program\.json)$")
 _PAYLOAD_CONFIG = re.compile(r"^data/(weights|constants)/[^/]+_(weights|constants)_config\.json$")
 _PICKLED_CONSTANT_PREFIXES = ("custom_obj_", "opaque_obj_")
+# torch.export.save stores members uncompressed; a recompressed archive of pruned (mostly zero)
+# weights shrinks a few times, never by more than this
+_MAX_EXPANSION, _EXPANSION_SLACK = 64, 64 << 20
 _CANONICAL_ROOT = "archive"  # the root folder of the archive handed to torch (the file's own is dropped)
 
 # call targets a graph node may name: registered operators, and arithmetic that cannot reach
@@ -239,6 +243,10 @@ def check_archive(path: str | Path, data: bytes) -> bytes:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             rooted, members = _plain_members(path, zf)
+            expanded = sum(info.file_size for info, _ in members)  # zipfile never yields more than this
+            if expanded > _MAX_EXPANSION * len(data) + _EXPANSION_SLACK:
+                raise InputFileError(f"{path} is a .pt2 archive whose members expand to {expanded} bytes from "
+                                     f"{len(data)}: a zip bomb, not a model")
             for _, rel in members:
                 _check_member(path, rel)
             with zipfile.ZipFile(rebuilt, "w", zipfile.ZIP_STORED) as out:

@@ -243,3 +243,12 @@ def test_external_data_checked_before_it_is_read(tmp_path):
         read_onnx(tmp_path / "crafted.onnx")
     with pytest.raises(InputFileError, match="in-memory model"):
         check_onnx_sizes(model)
+
+
+def test_a_long_integer_range_is_refused_before_shape_inference_writes_it_out(tmp_path):
+    # 8M int64 values are 64 MiB as a tensor, but onnx's data propagation (run by the surgery) writes
+    # each one out as a protobuf dimension: refused, naming the op
+    model = _range()
+    model.graph.initializer[1].CopyFrom(_ints(1 << 23, "limit"))
+    with pytest.raises(UnsupportedError, match="Range 'steps' makes 8388608 integers"):
+        check_onnx_sizes(model)

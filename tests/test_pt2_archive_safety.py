@@ -19,6 +19,7 @@ from test_reliability import _Payload, _Tiny, _torch_save_payload
 
 import egp_deploy
 from egp_deploy.cli._common import invoke
+from egp_deploy.errors import InputFileError
 from egp_deploy.pt2_archive import UNSAFE_HINT, UnsafeArchive, load_exported_program
 
 CONSTANTS_CONFIG = "data/constants/model_constants_config.json"
@@ -246,3 +247,26 @@ def test_pickled_member_named_in_capitals_is_refused(plain_pt2, tmp_path):
     with pytest.raises(UnsafeArchive, match="pickled Python object"):
         load_exported_program(_write_zip(tmp_path / "evil.pt2", entries))
     assert not marker.exists()
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_expanded(plain_pt2, tmp_path, torch_loads):
+    # 128 MiB of zeros deflate to an eighth of a MiB: the check reads every member, so it bounds them first
+    path = tmp_path / "bomb.pt2"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in _rooted(_members(plain_pt2)):
+            zf.writestr(name, data)
+        with zf.open("plain/extra/zeros", "w", force_zip64=True) as member:
+            for _ in range(128):
+                member.write(bytes(1 << 20))
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(InputFileError, match="zip bomb"):
+        load_exported_program(path)
+    assert torch_loads == []
+
+
+def test_a_recompressed_archive_still_loads(plain_pt2, tmp_path):
+    path = tmp_path / "deflated.pt2"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in _rooted(_members(plain_pt2)):
+            zf.writestr(name, data)
+    assert load_exported_program(path).module()(torch.ones(2, 4)).shape == (2, 3)
