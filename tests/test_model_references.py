@@ -107,9 +107,12 @@ def test_a_factory_gets_the_data_knobs_it_names():
     assert isinstance(model, user_models.TinyNet) and model.head.out_features == 3 and model.stem.out_channels == 6
     from egp_deploy.archs.references import data_kwargs
 
-    assert data_kwargs("user_models:tiny_cnn", 10, 1) == {"num_classes": 10, "in_channels": 1}
-    assert data_kwargs("user_models:three_channel_cnn", 10, 1) == {"num_classes": 10}
+    with trusting(["user_models:tiny_cnn", "user_models:three_channel_cnn"]):
+        assert data_kwargs("user_models:tiny_cnn", 10, 1) == {"num_classes": 10, "in_channels": 1}
+        assert data_kwargs("user_models:three_channel_cnn", 10, 1) == {"num_classes": 10}
     assert data_kwargs("resnet18", 10, 1) == {"num_classes": 10, "in_channels": 1}
+    with pytest.raises(InputFileError, match="--trust-module"):  # reading a signature imports the module
+        data_kwargs("user_models:tiny_cnn", 10, 1)
 
 
 @pytest.mark.parametrize("library", ["torchvision", "timm"])

@@ -30,7 +30,7 @@ ZOO, TORCHVISION, TIMM, IMPORT = "zoo", "torchvision", "timm", "import"
 REGISTRIES = (TORCHVISION, TIMM)
 FORMS = "a zoo name ({}), torchvision:NAME, timm:NAME or package.module:factory"
 # keyword arguments through which the registries fetch weights from the network
-DOWNLOADING_KWARGS = ("weights", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path")
+DOWNLOADING_KWARGS = ("weights", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir")
 _DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
@@ -167,6 +167,7 @@ def accepts(ref: ModelReference | str, keyword: str) -> bool:
         return keyword == "num_classes"
     if ref.kind == TIMM:
         return keyword in ("num_classes", "in_chans")
+    check_trusted(ref)
     try:
         return keyword in inspect.signature(_factory(ref)).parameters
     except (TypeError, ValueError):  # a builtin or C extension without a signature
