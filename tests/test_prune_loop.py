@@ -281,7 +281,8 @@ def test_torchrun_fine_tuning_keeps_masks(start, tmp_path):
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "egp_deploy.cli",
-           "prune", str(path), "-o", str(tmp_path / "ddp"), "-n", "1", "--epochs", "1", "--batch-size", "32", "-q"]
+           "prune", str(path), "-o", str(tmp_path / "ddp"), "-n", "1", "--epochs", "1", "--batch-size", "32", "-q",
+           "--data", start.metadata["data"]]  # a recorded plugin is code: it is used only when named
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     log = json.loads((tmp_path / "ddp" / "log.json").read_text())
