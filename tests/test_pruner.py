@@ -352,3 +352,55 @@ def test_pruned_model_exports_as_pt2_through_deploy(digits, tmp_path):
     assert job.report["export"]["max_rel_error_vs_torch"] <= 1e-4
     verification = job.surgery.report["verification"]
     assert verification["exact_rewrites_pass"] and verification["calibration"]["rel_error"] <= verification["tolerance"]
+
+
+DDP_SCRIPT = """
+import json, sys
+import torch, torch.distributed as dist, torch.nn as nn
+from egp_deploy.prune import Pruner
+
+dist.init_process_group("gloo")  # the user's own set-up: the Pruner finds the process group
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 14 * 14, 12),
+                      nn.ReLU(), nn.Linear(12, 10))
+data = torch.load(sys.argv[1])
+pruner = Pruner(model, data[:1], rate=0.5)
+stats = pruner.measure([data[i:i + 5] for i in range(rank * 5, len(data), 5 * world)])  # this rank's shard
+pruner.step()
+if rank == 0:
+    json.dump({"entropy": {k: v.entropy for k, v in stats.items()},
+               "counts": {k: v.counts.tolist() for k, v in stats.items()},
+               "masks": {k: m.flatten().tolist() for k, m in pruner.masks.items()}}, open(sys.argv[2], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_counts_are_summed_over_ranks_under_torchrun(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    torch.manual_seed(1)
+    data = torch.randn(20, 1, 16, 16)
+    torch.save(data, tmp_path / "data.pt")
+    (tmp_path / "user.py").write_text(DDP_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(tmp_path / "user.py"), str(tmp_path / "data.pt"), str(tmp_path / "out.json")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 14 * 14, 12),
+                          nn.ReLU(), nn.Linear(12, 10))
+    single = Pruner(model, data[:1], rate=0.5)
+    stats = single.measure([data[i:i + 5] for i in range(0, 20, 5)])  # one process, all the data
+    single.step()
+    assert got["counts"] == {k: v.counts.tolist() for k, v in stats.items()}
+    assert got["entropy"] == {k: v.entropy for k, v in stats.items()}
+    assert got["masks"] == {k: m.flatten().tolist() for k, m in single.masks.items()}
+    single.remove()
