@@ -404,3 +404,21 @@ def test_counts_are_summed_over_ranks_under_torchrun(tmp_path):
     assert got["entropy"] == {k: v.entropy for k, v in stats.items()}
     assert got["masks"] == {k: m.flatten().tolist() for k, m in single.masks.items()}
     single.remove()
+
+
+def test_wrappers_are_unwrapped_and_a_submodule_named_module_is_not():
+    from egp_deploy.prune.pruner import unwrap
+
+    class Holder(nn.Module):  # a user's model may well call a submodule "module"
+        def __init__(self):
+            super().__init__()
+            self.module = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+
+        def forward(self, x):
+            return self.module(x)
+
+    holder = Holder()
+    assert unwrap(holder) is holder
+    assert unwrap(nn.DataParallel(holder)) is holder
+    assert unwrap(torch.compile(holder, backend="eager")) is holder  # compiles nothing until called
+    assert Pruner(holder, torch.zeros(1, 4)).layers == ["module.0"]
