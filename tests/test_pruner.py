@@ -422,3 +422,59 @@ def test_wrappers_are_unwrapped_and_a_submodule_named_module_is_not():
     assert unwrap(nn.DataParallel(holder)) is holder
     assert unwrap(torch.compile(holder, backend="eager")) is holder  # compiles nothing until called
     assert Pruner(holder, torch.zeros(1, 4)).layers == ["module.0"]
+
+
+def test_functional_activation_spellings():
+    class Spellings(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.ModuleList(nn.Linear(6, 6) for _ in range(8))
+
+        def forward(self, x):
+            l = self.l
+            x = F.relu6(l[0](x))
+            x = F.hardtanh(l[1](x), 0.0, 6.0)
+            x = F.hardtanh(l[2](x), -1.0, 1.0)  # not rectifier-like: no site
+            x = F.leaky_relu(l[3](x), 0.1)
+            x = l[4](x).relu_()
+            x = torch.relu_(l[5](x))
+            x = F.silu(l[6](x))
+            return F.gelu(F.dropout(l[7](x), 0.1, self.training))
+
+    sites = Pruner(Spellings(), torch.zeros(2, 6)).sites
+    assert [(s.name, s.kind, s.feeder) for s in sites] == [
+        ("relu6()", "relu6", "l.0"), ("hardtanh()", "relu6", "l.1"), ("leaky_relu()", "leaky_relu", "l.3"),
+        ("relu_()", "relu", "l.4"), ("relu_()#2", "relu", "l.5"), ("silu()", "silu", "l.6"),
+        ("gelu()", "gelu", "l.7")]
+
+
+def test_untraceable_model_found_with_torch_export():
+    class ShapeBranch(nn.Module):  # a Python branch on a traced shape: fx cannot trace it, torch.export can
+        def __init__(self):
+            super().__init__()
+            self.side = nn.Conv2d(1, 4, 1)  # registered before the branch
+            self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.act1, self.act2 = nn.ReLU(), nn.ReLU()
+
+        def forward(self, x):
+            if x.shape[-1] > 8:
+                x = F.avg_pool2d(x, 2)
+            return self.act2(self.side(x) + self.b(self.act1(self.a(x))))
+
+    model = ShapeBranch()
+    pruner = Pruner(model, torch.zeros(1, 1, 16, 16))
+    assert pruner.discovery.method == "export" and "fx cannot trace ShapeBranch" in pruner.discovery.note
+    assert [(s.name, s.feeder, s.post_add) for s in pruner.sites] == [("act1", "a", False), ("act2", "b", True)]
+    stats = pruner.measure([torch.randn(3, 1, 16, 16)])
+    assert stats["act2"].channels == 4
+
+
+def test_package_swin_measured_per_hidden_channel():
+    """Swin's MLP runs on channel-last (N, H, W, C) maps: a neuron is C, not a row of the token grid."""
+    from egp_deploy.archs import create_model
+
+    model = create_model("swin_t", num_classes=10, in_channels=1, width=12, depths=(2, 2), heads=(3, 6))
+    pruner = Pruner(model, torch.zeros(1, 1, 32, 32))
+    assert pruner.discovery.method == "export"
+    stats = pruner.measure([torch.randn(2, 1, 32, 32)])
+    assert [stats[s.name].channels for s in pruner.sites] == [48, 48, 96, 96]  # 4 x width per stage

@@ -419,7 +419,9 @@ def discover_sites(model: nn.Module, example_inputs: Any = None) -> Discovery:
         note = f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__})"
     if example_inputs is not None:
         try:
-            return _export_sites(model, _as_tuple(example_inputs))
+            found = _export_sites(model, _as_tuple(example_inputs))
+            found.note = note + "; sites found with torch.export"
+            return found
         except Exception as e:  # noqa: BLE001 - torch.export cannot export every model either
             note += f"; torch.export failed too ({type(e).__name__})"
     return Discovery(_order_sites(model), "order", note + "; sites in registration order")
