@@ -1,8 +1,9 @@
 """egp_deploy.prune.Pruner: EGP inside a hand-written training loop on a model defined here.
 
-The model uses none of the usual module names (no "downsample"/"shortcut"; its projection is
-registered BEFORE the branch, so registration order would pick it), a functional ReLU, a
-squeeze-excite gate, token attention (q/k/v/o Linears) and a GELU MLP. Expected sites and
+The model uses none of the usual module names (no "downsample"/"shortcut": a walk that tells the
+shortcut by its name takes block2's projection for the branch), registers its projection before the branch and the
+squeeze-excite convs after it (registration order would hand block2's post-add ReLU the gate's
+expand conv), and has a functional ReLU, token attention (q/k/v/o Linears) and a GELU MLP. Expected sites and
 feeders are read off the class by hand; entropies are checked against pre-activations captured
 by plain forward hooks, and against egp-prune's own log on the same weights.
 """
@@ -20,8 +21,7 @@ import torch.nn.functional as F
 from egp_deploy.data import load_digits_bundle, make_loader
 from egp_deploy.errors import DataError, UnsupportedError, UsageError
 from egp_deploy.prune import Pruner
-from egp_deploy.prune.entropy import region_counts, stats_from_counts
-from egp_deploy.prune.entropy import SiteCounts
+from egp_deploy.prune.entropy import SiteCounts, region_counts, stats_from_counts
 
 
 class Residual(nn.Module):
