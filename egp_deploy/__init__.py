@@ -23,17 +23,19 @@ __version__ = "0.2.0"
 
 __all__ = [
     "__version__", "prune", "export", "optimize", "deploy", "bench", "check", "train_dense",
-    "DeployResult", "DeployPaths", "BenchReport", "CheckResult", "load_calibration", "CalibrationSet",
+    "DeployResult", "DeployPaths", "BenchReport", "CheckResult", "load_calibration", "CalibrationSet", "Pruner",
 ]
 
 _FROM = {
     "load_calibration": "egp_deploy.calibration", "CalibrationSet": "egp_deploy.calibration",
+    "Pruner": "egp_deploy.prune.pruner",
 }
 
 if TYPE_CHECKING:
     from egp_deploy.api import (BenchReport, CheckResult, DeployPaths, DeployResult, bench, check, deploy, export,
                                 optimize, prune, train_dense)
     from egp_deploy.calibration import CalibrationSet, load_calibration
+    from egp_deploy.prune.pruner import Pruner
 
 
 def __getattr__(name: str) -> Any:

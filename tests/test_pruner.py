@@ -1,8 +1,9 @@
 """egp_deploy.prune.Pruner: EGP inside a hand-written training loop on a model defined here.
 
-The model uses none of the usual module names (no "downsample"/"shortcut"; its projection is
-registered BEFORE the branch, so registration order would pick it), a functional ReLU, a
-squeeze-excite gate, token attention (q/k/v/o Linears) and a GELU MLP. Expected sites and
+The model uses none of the usual module names (no "downsample"/"shortcut": a walk that tells the
+shortcut by its name takes block2's projection for the branch), registers its projection before the branch and the
+squeeze-excite convs after it (registration order would hand block2's post-add ReLU the gate's
+expand conv), and has a functional ReLU, token attention (q/k/v/o Linears) and a GELU MLP. Expected sites and
 feeders are read off the class by hand; entropies are checked against pre-activations captured
 by plain forward hooks, and against egp-prune's own log on the same weights.
 """
@@ -20,8 +21,7 @@ import torch.nn.functional as F
 from egp_deploy.data import load_digits_bundle, make_loader
 from egp_deploy.errors import DataError, UnsupportedError, UsageError
 from egp_deploy.prune import Pruner
-from egp_deploy.prune.entropy import region_counts, stats_from_counts
-from egp_deploy.prune.entropy import SiteCounts
+from egp_deploy.prune.entropy import SiteCounts, region_counts, stats_from_counts
 
 
 class Residual(nn.Module):
@@ -352,3 +352,129 @@ def test_pruned_model_exports_as_pt2_through_deploy(digits, tmp_path):
     assert job.report["export"]["max_rel_error_vs_torch"] <= 1e-4
     verification = job.surgery.report["verification"]
     assert verification["exact_rewrites_pass"] and verification["calibration"]["rel_error"] <= verification["tolerance"]
+
+
+DDP_SCRIPT = """
+import json, sys
+import torch, torch.distributed as dist, torch.nn as nn
+from egp_deploy.prune import Pruner
+
+dist.init_process_group("gloo")  # the user's own set-up: the Pruner finds the process group
+rank, world = dist.get_rank(), dist.get_world_size()
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 14 * 14, 12),
+                      nn.ReLU(), nn.Linear(12, 10))
+data = torch.load(sys.argv[1])
+pruner = Pruner(model, data[:1], rate=0.5)
+stats = pruner.measure([data[i:i + 5] for i in range(rank * 5, len(data), 5 * world)])  # this rank's shard
+pruner.step()
+if rank == 0:
+    json.dump({"entropy": {k: v.entropy for k, v in stats.items()},
+               "counts": {k: v.counts.tolist() for k, v in stats.items()},
+               "masks": {k: m.flatten().tolist() for k, m in pruner.masks.items()}}, open(sys.argv[2], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_counts_are_summed_over_ranks_under_torchrun(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    torch.manual_seed(1)
+    data = torch.randn(20, 1, 16, 16)
+    torch.save(data, tmp_path / "data.pt")
+    (tmp_path / "user.py").write_text(DDP_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(tmp_path / "user.py"), str(tmp_path / "data.pt"), str(tmp_path / "out.json")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 14 * 14, 12),
+                          nn.ReLU(), nn.Linear(12, 10))
+    single = Pruner(model, data[:1], rate=0.5)
+    stats = single.measure([data[i:i + 5] for i in range(0, 20, 5)])  # one process, all the data
+    single.step()
+    assert got["counts"] == {k: v.counts.tolist() for k, v in stats.items()}
+    assert got["entropy"] == {k: v.entropy for k, v in stats.items()}
+    assert got["masks"] == {k: m.flatten().tolist() for k, m in single.masks.items()}
+    single.remove()
+
+
+def test_wrappers_are_unwrapped_and_a_submodule_named_module_is_not():
+    from egp_deploy.prune.pruner import unwrap
+
+    class Holder(nn.Module):  # a user's model may well call a submodule "module"
+        def __init__(self):
+            super().__init__()
+            self.module = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+
+        def forward(self, x):
+            return self.module(x)
+
+    holder = Holder()
+    assert unwrap(holder) is holder
+    assert unwrap(nn.DataParallel(holder)) is holder
+    assert unwrap(torch.compile(holder, backend="eager")) is holder  # compiles nothing until called
+    assert Pruner(holder, torch.zeros(1, 4)).layers == ["module.0"]
+
+
+def test_functional_activation_spellings():
+    class Spellings(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.ModuleList(nn.Linear(6, 6) for _ in range(8))
+
+        def forward(self, x):
+            l = self.l
+            x = F.relu6(l[0](x))
+            x = F.hardtanh(l[1](x), 0.0, 6.0)
+            x = F.hardtanh(l[2](x), -1.0, 1.0)  # not rectifier-like: no site
+            x = F.leaky_relu(l[3](x), 0.1)
+            x = l[4](x).relu_()
+            x = torch.relu_(l[5](x))
+            x = F.silu(l[6](x))
+            return F.gelu(F.dropout(l[7](x), 0.1, self.training))
+
+    sites = Pruner(Spellings(), torch.zeros(2, 6)).sites
+    assert [(s.name, s.kind, s.feeder) for s in sites] == [
+        ("relu6()", "relu6", "l.0"), ("hardtanh()", "relu6", "l.1"), ("leaky_relu()", "leaky_relu", "l.3"),
+        ("relu_()", "relu", "l.4"), ("relu_()#2", "relu", "l.5"), ("silu()", "silu", "l.6"),
+        ("gelu()", "gelu", "l.7")]
+
+
+def test_untraceable_model_found_with_torch_export():
+    class ShapeBranch(nn.Module):  # a Python branch on a traced shape: fx cannot trace it, torch.export can
+        def __init__(self):
+            super().__init__()
+            self.side = nn.Conv2d(1, 4, 1)  # registered before the branch
+            self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.act1, self.act2 = nn.ReLU(), nn.ReLU()
+
+        def forward(self, x):
+            if x.shape[-1] > 8:
+                x = F.avg_pool2d(x, 2)
+            return self.act2(self.side(x) + self.b(self.act1(self.a(x))))
+
+    model = ShapeBranch()
+    pruner = Pruner(model, torch.zeros(1, 1, 16, 16))
+    assert pruner.discovery.method == "export" and "fx cannot trace ShapeBranch" in pruner.discovery.note
+    assert [(s.name, s.feeder, s.post_add) for s in pruner.sites] == [("act1", "a", False), ("act2", "b", True)]
+    stats = pruner.measure([torch.randn(3, 1, 16, 16)])
+    assert stats["act2"].channels == 4
+
+
+def test_package_swin_measured_per_hidden_channel():
+    """Swin's MLP runs on channel-last (N, H, W, C) maps: a neuron is C, not a row of the token grid."""
+    from egp_deploy.archs import create_model
+
+    model = create_model("swin_t", num_classes=10, in_channels=1, width=12, depths=(2, 2), heads=(3, 6))
+    pruner = Pruner(model, torch.zeros(1, 1, 32, 32))
+    assert pruner.discovery.method == "export"
+    stats = pruner.measure([torch.randn(2, 1, 32, 32)])
+    assert [stats[s.name].channels for s in pruner.sites] == [48, 48, 96, 96]  # 4 x width per stage

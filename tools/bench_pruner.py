@@ -6,8 +6,8 @@ against a plain forward pass (goal: measurement <= 1.3x the forward).
 
 The model is the package's resnet50 at torchvision's size (width 64, 1000 classes). Inputs are
 random normal, drawn once and reused. The measurement is timed two ways on the same model:
-module hooks (each activation module called once: the package's archs) and the fx probe graph
-(functional activations / shared modules: torchvision's ResNet); each is interleaved with the
+module hooks (activation modules, shared ones included: the package's archs, torchvision's ResNet)
+and the fx probe graph (functional activations: F.relu ...); each is interleaved with the
 plain forward round by round (A B A B ...) and quoted as the per-round ratio (median, min, max).
 ``step()`` is timed after a fresh measurement each time (EGP: allocation + per-layer L1; IMP:
 global L1). Writes a JSON file with the machine and library versions.

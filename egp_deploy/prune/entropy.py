@@ -167,19 +167,33 @@ def _probe_module(model: nn.Module, found: Discovery, sites: list[Site]) -> nn.M
 
 
 def _instrument(model: nn.Module, sites: list[Site], found: Discovery | None, record) -> tuple[nn.Module, list]:
-    """What to run and the hooks to remove: the model itself with a forward pre-hook per site when
-    every site is the only call of its activation module, else a probe graph (functional sites,
-    modules called twice). ``record(i, pre_activation)`` receives the i-th site's input."""
+    """What to run and the hooks to remove. Module sites only: the model itself, a forward pre-hook
+    per activation module that tells its calls apart by their order within one forward pass (a
+    module called twice is two sites); a root pre-hook starts each pass's count afresh. With
+    functional sites: a probe graph. ``record(i, pre_activation)`` receives the i-th site's input."""
     probe = found if found is not None else Discovery(sites, "given")
     if not probe.needs_graph:
         modules = dict(model.named_modules())
-        return model, [modules[s.module or s.name].register_forward_pre_hook(lambda _m, args, i=i: record(i, args[0]))
-                       for i, s in enumerate(sites)]
+        index = {(s.module, s.call): i for i, s in enumerate(sites)}
+        calls: dict[str, int] = {}
+
+        def hook_for(name: str):
+            def hook(_mod, args):
+                k = calls.get(name, 0)
+                calls[name] = k + 1
+                i = index.get((name, k))
+                if i is not None:
+                    record(i, args[0])
+            return hook
+
+        handles = [model.register_forward_pre_hook(lambda *_: calls.clear())]
+        return model, handles + [modules[name].register_forward_pre_hook(hook_for(name))
+                                 for name in dict.fromkeys(s.module for s in sites)]
     if found is None or found.graph is None:
         found = discover_sites(model)
     if found.graph is None or any(s.name not in found.node_of for s in sites):
-        raise UnsupportedError(f"functional or shared activation sites of {type(model).__name__} can only be "
-                               f"measured on a torch.fx graph, and fx cannot trace it ({found.note})")
+        raise UnsupportedError(f"functional activation sites of {type(model).__name__} can only be measured on a "
+                               f"torch.fx graph, and fx cannot trace it ({found.note})")
     return _probe_module(model, found, sites), []
 
 

@@ -30,7 +30,7 @@ from egp_deploy.io_utils import atomic_path, write_json_atomic
 from egp_deploy.prune import masks as M
 from egp_deploy.prune.entropy import SiteStats
 from egp_deploy.prune.pruner import OPTIONS as PRUNER_OPTIONS
-from egp_deploy.prune.pruner import Pruner
+from egp_deploy.prune.pruner import Pruner, unwrap
 from egp_deploy.prune.train import TrainConfig, lr_at, make_optimizer, train_one_epoch
 
 LOG_FORMAT = "egp-deploy-prune-log"
@@ -74,10 +74,6 @@ class PruneConfig:
                              f"got {self.entropy_mode!r}")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 def measure(pruner: Pruner, bundle: DataBundle, cfg: PruneConfig, ctx: DistContext) -> dict[str, SiteStats]:
     """Entropy over the calibration split (this rank's shard; the Pruner sums counts over ranks)."""
     return pruner.measure(eval_loader(ctx, bundle.val, cfg.eval_batch_size))
@@ -86,7 +82,7 @@ def measure(pruner: Pruner, bundle: DataBundle, cfg: PruneConfig, ctx: DistConte
 @torch.no_grad()
 def accuracy(model: nn.Module, ds, cfg: PruneConfig, ctx: DistContext) -> float:
     """Top-1 (percent) over a split, exact across ranks (correct/seen are summed)."""
-    net = _unwrap(model)
+    net = unwrap(model)
     was = net.training
     net.eval()
     tally = torch.zeros(2, dtype=torch.int64)
@@ -102,7 +98,7 @@ def accuracy(model: nn.Module, ds, cfg: PruneConfig, ctx: DistContext) -> float:
 def finetune(model: nn.Module, bundle: DataBundle, tcfg: TrainConfig, masks: M.Masks | None,
              ctx: DistContext, seed: int, desc: str, progress: bool) -> list[dict[str, float]]:
     """Fine-tune (DDP-wrapped under torchrun); masks enforced after every step."""
-    net = _unwrap(model)
+    net = unwrap(model)
     if ctx.enabled:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -163,7 +159,7 @@ def _checkpoint(model: nn.Module, base: Checkpoint, rec: dict, cfg: PruneConfig,
         "all_zero_layers": rec["all_zero_layers"], "prunable_layers": layers, "recipe": cfg.to_json(),
     })
     meta["dense_test_acc"] = dense_acc
-    return Checkpoint(base.arch, base.arch_kwargs, _unwrap(model).state_dict(), base.input_shape, base.num_classes, meta)
+    return Checkpoint(base.arch, base.arch_kwargs, unwrap(model).state_dict(), base.input_shape, base.num_classes, meta)
 
 
 def _dense_acc(log: dict, start: Checkpoint) -> float:

@@ -42,12 +42,16 @@ OPTIONS = ("temperature", "min_keep_cut", "entropy_mode", "calibration_batches")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside a DDP / DataParallel (``.module``) or torch.compile (``._orig_mod``) wrapper."""
+    """The user's module inside DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
+        if isinstance(model, (DataParallel, DistributedDataParallel)):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
             return model
-        model = inner
 
 
 def _as_inputs(example_inputs: Any) -> tuple:
@@ -79,7 +83,11 @@ class Pruner:
             raise UsageError(f"rate must be a number in (0, 1), got {rate!r}")
         self.config = PruneConfig(method=method, rate=float(rate), temperature=temperature, min_keep_cut=min_keep_cut,
                                   entropy_mode=entropy_mode, calibration_batches=calibration_batches)
-        self.config.validate()
+        try:
+            self.config.validate()
+        except TypeError:  # a string where a number belongs ...
+            raise UsageError(f"Pruner options must be numbers: temperature={temperature!r}, "
+                             f"min_keep_cut={min_keep_cut!r}, calibration_batches={calibration_batches!r}") from None
         self.model = model
         self.net = unwrap(model)
         self.context = context if context is not None else current_context()
@@ -289,6 +297,8 @@ class Pruner:
             raise InputFileError("not a Pruner state_dict (no 'format': 'egp-deploy-pruner')")
         saved = state.get("config", {})
         for key, value in saved.items():
+            if key == "calibration_batches":  # how much data a measurement reads: free to change
+                continue
             if getattr(self.config, key, value) != value:
                 raise UsageError(f"cannot resume: the state was saved with {key}={value!r}, this Pruner has "
                                  f"{key}={getattr(self.config, key)!r}")

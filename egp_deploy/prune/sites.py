@@ -93,8 +93,8 @@ class Site:
 
 @dataclass
 class Discovery:
-    """Sites and how they were found; ``graph`` (fx, symbolic trace only) locates functional and
-    shared-module sites for the entropy probes (``node_of``: site name -> fx node name)."""
+    """Sites and how they were found; ``graph`` (fx, symbolic trace only) locates functional sites
+    for the entropy probes (``node_of``: site name -> fx node name)."""
 
     sites: list[Site]
     method: str  # "fx" | "export" | "order"
@@ -104,12 +104,8 @@ class Discovery:
 
     @property
     def needs_graph(self) -> bool:
-        """Some site is not the only call of an activation module: module hooks cannot tell it."""
-        calls: dict[str, int] = {}
-        for s in self.sites:
-            if s.module is not None:
-                calls[s.module] = calls.get(s.module, 0) + 1
-        return any(s.module is None or calls[s.module] > 1 for s in self.sites)
+        """Some site is a functional call: no module to hook, only the fx graph locates it."""
+        return any(s.module is None for s in self.sites)
 
 
 # ---- the structural walk, shared by the fx and the export graphs -----------------------------------
@@ -419,7 +415,9 @@ def discover_sites(model: nn.Module, example_inputs: Any = None) -> Discovery:
         note = f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__})"
     if example_inputs is not None:
         try:
-            return _export_sites(model, _as_tuple(example_inputs))
+            found = _export_sites(model, _as_tuple(example_inputs))
+            found.note = note + "; sites found with torch.export"
+            return found
         except Exception as e:  # noqa: BLE001 - torch.export cannot export every model either
             note += f"; torch.export failed too ({type(e).__name__})"
     return Discovery(_order_sites(model), "order", note + "; sites in registration order")
