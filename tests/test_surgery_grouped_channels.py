@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 
@@ -112,3 +111,27 @@ def test_unpruned_blocks_come_out_unchanged_and_exact(block, dynamo):
     assert conv_layout(res.model) == conv_layout(model)
     assert not res.report["changes"]["dead_channels"] and not res.report["layers_removed"]
     assert res.report["after"]["macs_dense"] == res.report["before"]["macs_dense"]
+
+
+def test_only_whole_channel_permutations_are_routes():
+    import onnx_graphsurgeon as gs
+    from onnx import shape_inference
+
+    from egp_deploy.surgery.canonicalize import fold_constants
+    from egp_deploy.surgery.channel_routes import find_routes
+    from egp_deploy.surgery.cleanup import refresh_shapes
+    from surgery_blocks_channels import channel_shuffle
+
+    class Layouts(torch.nn.Module):
+        def forward(self, x):  # a spatial transpose keeps the shape but moves pixels: not a channel route
+            return channel_shuffle(x, 4) + x.transpose(2, 3)
+
+    model = export(Layouts(), (1, 8, 4, 4), dynamo=False)
+    graph = gs.import_onnx(shape_inference.infer_shapes(model, data_prop=True))
+    fold_constants(graph)  # the exporter's run-time reshape targets (the pipeline folds them first)
+    graph = refresh_shapes(graph, model)
+    routes = [r for r in find_routes(graph) if r.kind == "permute"]
+    assert len(routes) == 1
+    (src, p, dst, q), = routes[0].pairs
+    # shuffle with 4 groups of 2: output channel j is input channel (j % 4) * 2 + j // 4
+    assert list(p) == [(j % 4) * 2 + j // 4 for j in range(8)] and list(q) == list(range(8))

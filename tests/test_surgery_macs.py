@@ -56,3 +56,18 @@ def test_legacy_export_hides_shapes_and_the_report_counts_them_after_folding():
     assert before["macs_dense"] == stem + branch + head and before["macs_unknown_nodes"] == []
     assert before["conv_gemm_layers"] == after["conv_gemm_layers"]  # no layer changed ...
     assert after["macs_dense"] == before["macs_dense"]  # ... so neither did the MACs
+
+
+def test_report_never_compares_mac_sums_with_unknown_nodes():
+    import io
+
+    from rich.console import Console
+
+    from egp_deploy.surgery.report import print_report
+
+    out = io.StringIO()
+    before = {"macs_dense": 100, "macs_nonzero": 100, "macs_unknown_nodes": ["a", "b"]}
+    after = {"macs_dense": 168, "macs_nonzero": 168, "macs_unknown_nodes": []}
+    print_report({"before": before, "after": after}, Console(file=out, width=200))
+    row = next(line for line in out.getvalue().splitlines() if "MACs (dense)" in line)
+    assert "100 + 2 unknown" in row and "+68.0 %" not in row and row.rstrip(" │").endswith("-")

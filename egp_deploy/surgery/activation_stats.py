@@ -199,10 +199,11 @@ def check_inputs(model: onnx.ModelProto, data: np.ndarray, what: str = "calibrat
 
 def measure_activation_stats(
     model: onnx.ModelProto, data: np.ndarray, batch_size: int = 32, threads: int = 0,
-    progress: bool = False,
+    progress: bool = False, only: set[str] | None = None,
 ) -> tuple[dict[str, ActivationStats], list[np.ndarray]]:
     """Stats of every Relu/Clip/LeakyRelu/PRelu node (keyed by node name; unnamed nodes are skipped:
-    name them first) and the model's own outputs on ``data`` (the reference for verification)."""
+    name them first; ``only``: just these nodes) and the model's own outputs on ``data`` (the
+    reference for verification)."""
     data = check_inputs(model, data)
     input_name, static_batch = single_input_plan(model, data)
     probe = copy.deepcopy(model)
@@ -217,7 +218,8 @@ def measure_activation_stats(
     sites: list[tuple[onnx.NodeProto, str, dict[str, Any]]] = []
     exposed: list[str] = []
     for node in graph.node:
-        if node.op_type not in RECTIFIERS + SMOOTH or not node.name or not node.input:
+        if node.op_type not in RECTIFIERS + SMOOTH or not node.name or not node.input \
+                or (only is not None and node.name not in only):
             continue
         info: dict[str, Any] = {}
         if node.op_type in SMOOTH:

@@ -87,14 +87,16 @@ def eliminate_dead_channels(graph: gs.Graph, module_of: Callable[[str], str | No
     analyses = {root: _analyze_group(graph, [tensors[n] for n in sorted(names)], member_of, info, links)
                 for root, names in groups.items()}
     keeps = _solve_keeps(analyses, routes, links, uf.find, channel_multiple)
+    narrowed = [(analyses[root], keep) for root, keep in keeps.items() if keep is not None and not keep.all()]
     records = []
-    for root, keep in keeps.items():
-        a = analyses[root]
-        if keep is None or keep.all():
-            continue
-        rec = _rewrite_group(graph, a, keep, info, module_of)
+    # Rows everywhere first: a layer can read one narrowed group and write another (or the same one,
+    # a residual branch), and the border map it gets as a reader must have the rows that remain.
+    for a, keep in narrowed:
+        rec = _narrow_rows(a, keep, module_of)
         if rec["producers"]:  # a group a route writes lost the channels of its source's record
             records.append(rec)
+    for a, keep in narrowed:
+        _narrow_readers(graph, a, keep, info)
     keep_of = lambda t: keeps.get(uf.find(t.name))  # noqa: E731
     for node in list(graph.nodes):
         gc = links.grouped.get(id(node))
@@ -294,15 +296,12 @@ def aligned_keep(removable: np.ndarray, multiple: int) -> np.ndarray:
     return keep
 
 
-def _rewrite_group(graph, a: dict[str, Any], keep: np.ndarray, info, module_of) -> dict[str, Any]:
-    """Narrow one channel group to ``keep``: producer rows, reader columns (their constants absorbed,
-    with a border map where zero padding meets them), member parameters, tensor shapes. Grouped convs
-    are narrowed by _rewrite_grouped, routes by channel_routes.rewrite_route."""
+def _narrow_rows(a: dict[str, Any], keep: np.ndarray, module_of) -> dict[str, Any]:
+    """A group's producer rows, member parameters and tensor shapes narrowed to ``keep``; its record.
+    Grouped convs are narrowed by _rewrite_grouped, routes by channel_routes.rewrite_route."""
     nch, removable = a["nch"], ~keep
     new_c = int(keep.sum())
     const_all, used = a["const_all"], a["used"]
-    # Rows first: a layer can read and write the same group (a residual branch), and its border
-    # map must then be computed with the rows that remain.
     for p in a["producers"]:
         if _producer_kind(p) == "conv":
             w, b = conv_weights(p)
@@ -310,29 +309,6 @@ def _rewrite_group(graph, a: dict[str, Any], keep: np.ndarray, info, module_of) 
         else:
             w, c = gemm_weights(p)
             set_gemm_weights(p, w[:, keep], None if c is None else c[keep])
-    for n, t in a["consumers"]:
-        kind = _producer_kind(n)
-        if kind is None:  # a grouped conv
-            continue
-        mask, val = info.get(t.name, (np.zeros(nch, bool), np.zeros(nch)))
-        v = np.where(removable & mask & used, val, 0.0)[removable]
-        if kind == "conv":
-            w, b = conv_weights(n)
-            at = conv_attrs(n, w.shape)
-            b = np.zeros(w.shape[0], np.float64) if b is None else b.astype(np.float64)
-            w_rm = w[:, removable].astype(np.float64)
-            uniform = w_rm.reshape(w.shape[0], w_rm.shape[1], -1).sum(axis=2) @ v
-            if np.any(v != 0) and has_padding(at):
-                full = constant_input_response(v, w_rm, at, [int(d) for d in static_shape(t)[2:]])
-                border = full - uniform.reshape((-1,) + (1,) * (full.ndim - 1))
-                if np.any(border != 0):
-                    add_constant_after(graph, n, border.astype(np.float32)[None])
-            set_conv_weights(n, np.ascontiguousarray(w[:, keep]), (b + uniform).astype(np.float32)
-                             if (conv_weights(n)[1] is not None or np.any(uniform != 0)) else None)
-        else:
-            w, c = gemm_weights(n)
-            c = (np.zeros(w.shape[1]) if c is None else c.astype(np.float64)) + v @ w[removable].astype(np.float64)
-            set_gemm_weights(n, w[keep], c.astype(np.float32))
     for node in a["member_nodes"].values():
         rank = len(static_shape(node.outputs[0]))
         if node.op == "BatchNormalization":
@@ -359,6 +335,35 @@ def _rewrite_group(graph, a: dict[str, Any], keep: np.ndarray, info, module_of) 
     if a["routed"]:
         rec["routed"] = True  # joined to other groups through Concat / Split / Slice / a channel permutation
     return rec
+
+
+def _narrow_readers(graph, a: dict[str, Any], keep: np.ndarray, info) -> None:
+    """A group's dense readers lose the removed columns; their constants move into the bias, with a
+    border map where zero padding makes them position-dependent."""
+    nch, removable, used = a["nch"], ~keep, a["used"]
+    for n, t in a["consumers"]:
+        kind = _producer_kind(n)
+        if kind is None:  # a grouped conv
+            continue
+        mask, val = info.get(t.name, (np.zeros(nch, bool), np.zeros(nch)))
+        v = np.where(removable & mask & used, val, 0.0)[removable]
+        if kind == "conv":
+            w, b = conv_weights(n)
+            at = conv_attrs(n, w.shape)
+            b = np.zeros(w.shape[0], np.float64) if b is None else b.astype(np.float64)
+            w_rm = w[:, removable].astype(np.float64)
+            uniform = w_rm.reshape(w.shape[0], w_rm.shape[1], -1).sum(axis=2) @ v
+            if np.any(v != 0) and has_padding(at):
+                full = constant_input_response(v, w_rm, at, [int(d) for d in static_shape(t)[2:]])
+                border = full - uniform.reshape((-1,) + (1,) * (full.ndim - 1))
+                if np.any(border != 0):
+                    add_constant_after(graph, n, border.astype(np.float32)[None])
+            set_conv_weights(n, np.ascontiguousarray(w[:, keep]), (b + uniform).astype(np.float32)
+                             if (conv_weights(n)[1] is not None or np.any(uniform != 0)) else None)
+        else:
+            w, c = gemm_weights(n)
+            c = (np.zeros(w.shape[1]) if c is None else c.astype(np.float64)) + v @ w[removable].astype(np.float64)
+            set_gemm_weights(n, w[keep], c.astype(np.float32))
 
 
 def _rewrite_grouped(graph, node: gs.Node, gc: dict, keep_in: np.ndarray | None, keep_out: np.ndarray | None,

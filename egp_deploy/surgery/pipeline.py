@@ -18,7 +18,7 @@ from egp_deploy.surgery.changes import Change, Context, name_scope
 from egp_deploy.surgery.cleanup import refresh_shapes, to_model
 from egp_deploy.surgery.passes import REGISTRY, check_pass_names
 from egp_deploy.surgery.report import module_namer
-from egp_deploy.surgery.strip_activations import strip_error
+from egp_deploy.surgery.strip_activations import strip_error, strip_plan
 from egp_deploy.surgery.verify import NOISE_FACTOR, compare, fp32_noise_floor, passes, run_model
 
 try:
@@ -224,8 +224,10 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
     use_strips = options.strip_activations and bool(stats)
     held_stats: dict[str, ActivationStats] = {}
     ref_held = None
-    if held_out is not None and use_strips:  # the same run also says how far each strip is off there
-        held_stats, ref_held = measure_activation_stats(named, held_out, options.batch_size, options.threads)
+    strip_sites = {n for n, st in stats.items() if strip_plan(st) is not None} if use_strips else set()
+    if held_out is not None and strip_sites:  # the same run also says how far each strip is off there
+        held_stats, ref_held = measure_activation_stats(named, held_out, options.batch_size, options.threads,
+                                                        only=strip_sites)
     elif held_out is not None:
         ref_held = run_model(named, held_out, options.batch_size, options.threads)
     timings["measure_s"] = time.perf_counter() - t

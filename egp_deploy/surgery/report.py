@@ -182,8 +182,9 @@ def _describe(key: str, it: dict[str, Any]) -> str:
                        f"slice absorbed by {', '.join(c.get('reader_modules') or c['readers'])}" for c in it.get("concats") or [])
         return f"{it.get('module') or it['producer']} -> constant; folded: {', '.join(mods)}{into}"
     if key == "dead_channels":
+        groups = "".join(f"; {g0} -> {g1} conv groups" for g0, g1 in (it.get("conv_groups") or {}).values())
         return (f"{', '.join(it['modules'])}: {it['channels_before']} -> {it['channels_after']} channels "
-                f"({it['constant']} constant, {it['unused']} unused)")
+                f"({it['constant']} constant, {it['unused']} unused){groups}")
     if key == "dead_taps":
         k0, k1 = ("x".join(map(str, it[k])) for k in ("kernel_before", "kernel_after"))
         return f"{it.get('module') or it['node']}: kernel {k0} -> {k1}, pads {it['pads_before']} -> {it['pads_after']}"
