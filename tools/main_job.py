@@ -69,8 +69,9 @@ def main() -> int:
         dense = out / "dense" / "dense.pt"
 
     iters, epochs = ("2", "2") if args.quick else ("7", "8")
+    # --force: the job owns its folder, so running it again replaces the previous run
     _, times["prune"] = run("prune", str(dense), "--method", "egp", "--iterations", iters, "--epochs", epochs,
-                            "--tolerance", "1.0", "--patience", "2", "-o", str(out / "prune"))
+                            "--tolerance", "1.0", "--patience", "2", "--force", "-o", str(out / "prune"))
     _, times["export dense"] = run("export", str(dense), "--no-surgery", "-o", str(out / "dense.onnx"))
     _, times["export + surgery"] = run("export", str(out / "prune" / "best.pt"), "-o", str(out / "pruned.egp.onnx"))
     duration = "2" if args.quick else "4"
