@@ -21,6 +21,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _seeded_rngs():
+    """Every test starts from the same random state, whatever ran before it (order-independent)."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def seeded():
     torch.manual_seed(0)

@@ -20,6 +20,7 @@ from egp_deploy.surgery.passes import REGISTRY, check_pass_names
 from egp_deploy.surgery.report import module_namer
 from egp_deploy.surgery.strip_activations import strip_error, strip_plan
 from egp_deploy.surgery.verify import NOISE_FACTOR, compare, fp32_noise_floor, passes, run_model
+from egp_deploy.validation import validate_surgery_options
 
 try:
     from onnx_graphsurgeon.logger import G_LOGGER
@@ -200,7 +201,8 @@ def optimize(model: onnx.ModelProto, calibration: np.ndarray, held_out: np.ndarr
     held-out inputs (nothing should then be written); DataError/NonFiniteError for bad inputs."""
     options = options or SurgeryOptions()
     t0 = time.perf_counter()
-    skip, only = check_pass_names(options.skip, options.only)  # before any work
+    validate_surgery_options(asdict(options))  # the ranges and choices the commands check, before any work
+    skip, only = check_pass_names(options.skip, options.only)
     options = replace(options, skip=skip, only=only)
     if not isinstance(model, onnx.ModelProto):
         raise UsageError(f"optimize() needs an onnx.ModelProto, got {type(model).__name__}")
