@@ -6,7 +6,6 @@ identity). Below both build (which writes engines) and the TRT runner (which ref
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -111,10 +110,9 @@ def read_sidecar(engine_path: str | Path) -> dict[str, Any] | None:
     path = sidecar_path(engine_path)
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise InputFileError(f"engine sidecar {path} is unreadable: {e}") from None
+    from egp_deploy.io_utils import read_json_file
+
+    data = read_json_file(path, "engine sidecar", max_bytes=1 << 20)  # a sidecar is a few hundred bytes
     if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
         raise InputFileError(f"{path} is not an egp-deploy engine sidecar (no 'format': '{SIDECAR_FORMAT}')")
     return data

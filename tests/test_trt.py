@@ -150,7 +150,13 @@ def test_sidecar_roundtrip_and_bad_files(tmp_path):
     got = read_sidecar(engine)
     assert got["tensorrt_version"] == "10.3.0" and got["profiles"]["x"]["opt"] == [2, 4]
     sidecar_path(engine).write_text("{broken")
-    with pytest.raises(InputFileError, match="unreadable"):
+    with pytest.raises(InputFileError, match="not readable JSON"):
+        read_sidecar(engine)
+    sidecar_path(engine).write_text("[" * 100_000 + "]" * 100_000)  # nesting deeper than the parser's stack
+    with pytest.raises(InputFileError, match="nested too deeply"):
+        read_sidecar(engine)
+    sidecar_path(engine).write_bytes(b" " * (2 << 20))  # a sidecar is a few hundred bytes: never read whole
+    with pytest.raises(InputFileError, match="engine sidecar"):
         read_sidecar(engine)
     sidecar_path(engine).write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(InputFileError, match="not an egp-deploy engine sidecar"):
