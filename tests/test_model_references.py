@@ -172,6 +172,18 @@ def test_a_checkpoint_naming_a_module_is_refused_without_trust(tmp_path, monkeyp
     monkeypatch.delitem(sys.modules, "marker_mod_api")
 
 
+def test_the_torch_backend_does_not_import_a_module_a_checkpoint_names(tmp_path, monkeypatch):
+    from egp_deploy.runners import get_runner
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    marker = _marker_module(tmp_path, "marker_mod_bench")
+    runner = get_runner("torch-cpu", _marker_checkpoint(tmp_path, "marker_mod_bench"))
+    with pytest.raises(InputFileError, match="egp-export --trust-module") as info:
+        runner.load()
+    assert info.value.exit_code == 3 and "\n" not in str(info.value)
+    assert not marker.exists() and "marker_mod_bench" not in sys.modules
+
+
 def test_old_checkpoints_still_load():
     # the shipped models record a zoo name in `arch`, as every checkpoint before references did
     for path in sorted((ROOT / "models").glob("*.pt")):

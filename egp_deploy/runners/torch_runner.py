@@ -70,13 +70,20 @@ class TorchRunner(Runner):
     def _load_impl(self) -> None:
         import torch
 
+        from egp_deploy.archs.references import IMPORT, is_trusted, parse_reference
         from egp_deploy.checkpoint import load_checkpoint
+        from egp_deploy.errors import InputFileError
 
         if self.device == "cuda":
             require_cuda(self.backend)
         if self.threads:
             torch.set_num_threads(int(self.threads))
         self.ckpt = load_checkpoint(self.model_path)
+        ref = parse_reference(self.ckpt.arch)
+        if ref.kind == IMPORT and not is_trusted(ref):  # this backend has no --trust-module: say what to do instead
+            raise InputFileError(
+                f"{self.model_path} names the Python factory {ref.text!r}, which the torch backend does not import "
+                "(it would run the module's code): export it with egp-export --trust-module and time the ONNX")
         model = self.ckpt.build_model().to(self.device)
         if self.precision == "fp16":
             model = model.half()
