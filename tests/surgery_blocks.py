@@ -1,6 +1,8 @@
 """Small blocks of architectures outside the zoo, for the surgery tests (no tests here): a dense-
 concatenation block (DenseNet), an Inception-style block, a fire (squeeze-expand) module, a ConvNeXt
-block and a token-mixing MLP block, each with a stem and a head, exportable with either exporter."""
+block, a token-mixing MLP block, a ShuffleNetV2 split/shuffle unit and a ResNeXt/RegNet grouped
+bottleneck, each with a stem and a head, exportable with either exporter; and two small graphs for the
+multi-reader merge (a fire module whose squeeze is linear on the data, a trunk read by two heads)."""
 
 from __future__ import annotations
 
@@ -12,19 +14,22 @@ import torch
 import torch.nn as nn
 
 
-def export(module: nn.Module, shape: tuple[int, ...], dynamo: bool) -> onnx.ModelProto:
-    """Static-shape export with the legacy exporter (opset 17) or the dynamo one (opset 18)."""
+def export(module: nn.Module, shape: tuple[int, ...], dynamo: bool, dynamic_batch: bool = False) -> onnx.ModelProto:
+    """The legacy exporter (opset 17) or the dynamo one (opset 18, optimised); static shapes unless
+    ``dynamic_batch`` (a symbolic batch dimension)."""
     module = module.eval()
+    x = torch.randn(*shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
-            prog = torch.onnx.export(module, (torch.randn(*shape),), dynamo=True, opset_version=18,
-                                     input_names=["x"], output_names=["y"], verbose=False)
+            prog = torch.onnx.export(module, (x,), dynamo=True, opset_version=18, input_names=["x"],
+                                     output_names=["y"], verbose=False,
+                                     dynamic_shapes=({0: torch.export.Dim("N")},) if dynamic_batch else None)
             prog.optimize()
             return prog.model_proto
         f = io.BytesIO()
-        torch.onnx.export(module, torch.randn(*shape), f, dynamo=False, opset_version=17,
-                          input_names=["x"], output_names=["y"])
+        torch.onnx.export(module, x, f, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "N"}, "y": {0: "N"}} if dynamic_batch else None)
     return onnx.load_from_string(f.getvalue())
 
 
@@ -35,6 +40,15 @@ def _bn_randomized(bn: nn.BatchNorm2d, g: torch.Generator) -> nn.BatchNorm2d:
         bn.weight.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
         bn.bias.copy_(torch.randn(bn.num_features, generator=g) * 0.2)
     return bn
+
+
+def _all_bn_randomized(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Every BatchNorm of ``module`` randomized, in module order, from one generator."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            _bn_randomized(m, g)
+    return module
 
 
 class DenseLayer(nn.Module):
@@ -200,8 +214,115 @@ class MixerNet(nn.Module):
         return self.head(self.norm(x).mean(1))
 
 
+def channel_shuffle(x: torch.Tensor, groups: int = 2) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    """stem 3x3 conv + ReLU -> ShuffleNetV2 stride-1 unit (split in two halves; the second through
+    1x1-BN-ReLU, depthwise 3x3-BN, 1x1-BN-ReLU; concat; channel shuffle) -> 1x1 head conv -> mean.
+    Layers: 1 + 3 + 1."""
+
+    def __init__(self, c: int = 16, in_channels: int = 3) -> None:
+        super().__init__()
+        h = c // 2
+        self.stem, self.stem_act = nn.Conv2d(in_channels, c, 3, padding=1), nn.ReLU()
+        self.branch = nn.Sequential(nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU(),
+                                    nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h),
+                                    nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU())
+        self.head = nn.Conv2d(c, 8, 1)
+
+    def forward(self, x):
+        x = self.stem_act(self.stem(x))
+        a, b = x.chunk(2, dim=1)
+        y = channel_shuffle(torch.cat([a, self.branch(b)], 1))
+        return self.head(y).mean((2, 3))
+
+
+def shuffle_unit(plant: bool, in_channels: int = 3) -> ShuffleUnit:
+    """A seeded ShuffleUnit (c=16) with random BN statistics; ``plant``: dead channels on both sides of
+    the split, concat and shuffle (rows that are 0 after their ReLU for any input)."""
+    torch.manual_seed(0)
+    net = _all_bn_randomized(ShuffleUnit(c=16, in_channels=in_channels))
+    if plant:
+        with torch.no_grad():
+            net.stem.weight[0:4] = 0.0  # stem channels 0..3 -> the untouched half -> concat -> shuffle -> head
+            net.stem.bias[0:4] = -1.0
+            net.stem.weight[8:12] = 0.0  # stem channels 8..11 -> the branch's first 1x1
+            net.stem.bias[8:12] = -1.0
+            net.branch[5].weight[0:4] = 0.0  # branch outputs 0..3 are 0 after BN + ReLU -> concat -> head
+            net.branch[6].bias[0:4] = -5.0
+    return net.eval()
+
+
+class GroupedBottleneck(nn.Module):
+    """stem 3x3 conv + ReLU -> ResNeXt bottleneck (1x1-BN-ReLU, grouped 3x3-BN-ReLU with ``groups``
+    groups, 1x1-BN, + x, ReLU) -> mean. Layers: 1 + 3."""
+
+    def __init__(self, c: int = 32, groups: int = 4, in_channels: int = 3) -> None:
+        super().__init__()
+        self.stem, self.stem_act = nn.Conv2d(in_channels, c, 3, padding=1), nn.ReLU()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(c)
+        self.conv3, self.bn3 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        x = self.stem_act(self.stem(x))
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        return self.relu(self.bn3(self.conv3(y)) + x).mean((2, 3))
+
+
+def grouped_bottleneck(dead_rows, in_channels: int = 3) -> GroupedBottleneck:
+    """A seeded GroupedBottleneck (32 channels, 4 groups) with random BN statistics, its conv1 rows
+    ``dead_rows`` 0 after BN + ReLU for any input: the grouped conv's inputs there are dead."""
+    torch.manual_seed(0)
+    net = _all_bn_randomized(GroupedBottleneck(c=32, groups=4, in_channels=in_channels))
+    with torch.no_grad():
+        net.conv1.weight[dead_rows] = 0.0
+        net.bn1.bias[dead_rows] = -5.0
+    return net.eval()
+
+
+class PooledFire(nn.Module):
+    """A fire module for the multi-reader merge: squeeze 1x1 -> ReLU -> expand 1x1 and expand 3x3
+    (padded) -> concat -> ReLU -> mean. ``linear_squeeze``: the squeeze's bias keeps its ReLU ON for
+    any input here, so the surgery strips it and the squeeze is one linear layer read by two convs."""
+
+    def __init__(self, c: int = 16, s: int = 4, e: int = 8, linear_squeeze: bool = True) -> None:
+        super().__init__()
+        self.squeeze, self.act = nn.Conv2d(c, s, 1), nn.ReLU()
+        self.expand1, self.expand3 = nn.Conv2d(s, e, 1), nn.Conv2d(s, e, 3, padding=1)
+        self.out = nn.ReLU()
+        if linear_squeeze:
+            with torch.no_grad():
+                self.squeeze.bias.fill_(50.0)
+
+    def forward(self, x):
+        y = self.act(self.squeeze(x))
+        return self.out(torch.cat([self.expand1(y), self.expand3(y)], 1)).mean((2, 3))
+
+
+class SharedHeads(nn.Module):
+    """Linear (8 -> 16) -> ReLU (ON for any input here) -> two 16 -> 2 heads, multiplied."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared, self.act = nn.Linear(8, 16), nn.ReLU()
+        self.head_a, self.head_b = nn.Linear(16, 2), nn.Linear(16, 2)
+        with torch.no_grad():
+            self.shared.bias.fill_(50.0)
+
+    def forward(self, x):
+        y = self.act(self.shared(x))
+        return self.head_a(y) * self.head_b(y)
+
+
 def collapsed(name: str, in_channels: int = 3) -> nn.Module:
-    """The block ``name`` with the collapse the tests plant (all-zero layers, as EGP leaves them)."""
+    """The block ``name`` with the collapse the tests plant (all-zero layers or dead channels, as EGP
+    leaves them)."""
     with torch.no_grad():
         if name == "dense":  # two dense layers' outputs constant: slices of every later Concat
             net = DenseBlock(layers=3, in_channels=in_channels)
@@ -223,6 +344,10 @@ def collapsed(name: str, in_channels: int = 3) -> nn.Module:
             net = MixerNet(dim=16, blocks=2, in_channels=in_channels)
             net.blocks[0].token_fc2.weight.zero_()
             net.blocks[1].token_fc1.weight.zero_()
+        elif name == "shuffle":
+            return shuffle_unit(plant=True, in_channels=in_channels)
+        elif name == "grouped":  # conv1's last 16 rows dead: whole groups 2 and 3 of the grouped 3x3
+            return grouped_bottleneck(list(range(16, 32)), in_channels=in_channels)
         else:
             raise KeyError(name)
     return net.eval()
@@ -252,10 +377,14 @@ def assert_report_honest(model: onnx.ModelProto, result) -> None:
 
 def unpruned(name: str, in_channels: int = 3) -> nn.Module:
     """The block ``name`` at the sizes ``collapsed`` uses, nothing zeroed."""
+    if name == "shuffle":
+        return shuffle_unit(plant=False, in_channels=in_channels)
+    if name == "grouped":
+        return grouped_bottleneck([], in_channels=in_channels)
     kwargs = {"convnext": {"dim": 16, "blocks": 3}, "mixer": {"dim": 16, "blocks": 2}}.get(name, {})
     builders = {"dense": DenseBlock, "inception": InceptionBlock, "fire": FireNet, "convnext": ConvNeXtNet,
                 "mixer": MixerNet}
     return builders[name](in_channels=in_channels, **kwargs).eval()
 
 
-BLOCK_NAMES = ("dense", "inception", "fire", "convnext", "mixer")
+BLOCK_NAMES = ("dense", "inception", "fire", "convnext", "mixer", "shuffle", "grouped")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from egp_deploy.surgery import SurgeryOptions, optimize
-from surgery_blocks_channels import GroupedBottleneck, ShuffleUnit, export
-from test_surgery_helpers import outputs, randn, randomize_bn, rel_error
+from surgery_blocks import export, grouped_bottleneck, shuffle_unit
+from test_surgery_helpers import outputs, randn, rel_error
 
 TOL = 1e-5
 OPTS = dict(batch_size=64, channel_multiple=1, strip_activations=False)
@@ -39,18 +39,9 @@ def _surgery(net, dynamo: bool, **opts):
     return model, res
 
 
-def _bottleneck(dead_rows) -> GroupedBottleneck:
-    torch.manual_seed(0)
-    net = randomize_bn(GroupedBottleneck(c=32, groups=4))
-    with torch.no_grad():  # conv1 rows that are 0 after BN + ReLU: the grouped conv's inputs there are dead
-        net.conv1.weight[dead_rows] = 0.0
-        net.bn1.bias[dead_rows] = -5.0
-    return net
-
-
 @pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
 def test_whole_dead_groups_halve_the_grouped_conv(dynamo):
-    _, res = _surgery(_bottleneck(list(range(16, 32))), dynamo)
+    _, res = _surgery(grouped_bottleneck(list(range(16, 32))), dynamo)
     # groups 2 and 3 of the 3x3 read only dead channels, so they output constants that conv3 absorbs:
     # conv1 keeps 16 rows, the grouped conv keeps groups 0 and 1 (16 in, 16 out, 2 groups), conv3 16 columns
     assert conv_layout(res.model) == [([32, 3, 3, 3], 1), ([16, 32, 1, 1], 1), ([16, 8, 3, 3], 2),
@@ -61,30 +52,16 @@ def test_whole_dead_groups_halve_the_grouped_conv(dynamo):
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
 def test_even_dead_channels_narrow_every_group_and_uneven_ones_stay(dynamo):
-    _, even = _surgery(_bottleneck([0, 8, 16, 24]), dynamo)  # one dead input in each group
+    _, even = _surgery(grouped_bottleneck([0, 8, 16, 24]), dynamo)  # one dead input in each group
     assert conv_layout(even.model) == [([32, 3, 3, 3], 1), ([28, 32, 1, 1], 1), ([32, 7, 3, 3], 4),
                                        ([32, 32, 1, 1], 1)]
     # 2 dead in group 0 and 1 in group 1: every group must keep the same number (8): nothing goes
-    model, uneven = _surgery(_bottleneck([0, 1, 8]), dynamo)
+    model, uneven = _surgery(grouped_bottleneck([0, 1, 8]), dynamo)
     assert conv_layout(uneven.model) == conv_layout(model) and not uneven.report["changes"]["dead_channels"]
 
 
-def _shuffle_unit(plant: bool) -> ShuffleUnit:
-    torch.manual_seed(0)
-    net = randomize_bn(ShuffleUnit(c=16))
-    if plant:
-        with torch.no_grad():
-            net.stem.weight[0:4] = 0.0  # stem channels 0..3 -> the untouched half -> concat -> shuffle -> head
-            net.stem.bias[0:4] = -1.0
-            net.stem.weight[8:12] = 0.0  # stem channels 8..11 -> the branch's first 1x1
-            net.stem.bias[8:12] = -1.0
-            net.branch[5].weight[0:4] = 0.0  # branch outputs 0..3 are 0 after BN + ReLU -> concat -> head
-            net.branch[6].bias[0:4] = -5.0
-    return net
-
-
 def test_routed_groups_stay_aligned():
-    model, res = _surgery(_shuffle_unit(plant=True), False, channel_multiple=8)
+    model, res = _surgery(shuffle_unit(plant=True), False, channel_multiple=8)
     # every tensor the split/concat/shuffle joins keeps a multiple of 8: each 8-channel half keeps all
     # of its 8, and through the routes so do the stem and the branch: nothing goes
     assert conv_layout(res.model) == conv_layout(model) and not res.report["changes"]["dead_channels"]
@@ -92,7 +69,7 @@ def test_routed_groups_stay_aligned():
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
 def test_dead_channels_cross_split_concat_and_shuffle(dynamo):
-    model, res = _surgery(_shuffle_unit(plant=True), dynamo)
+    model, res = _surgery(shuffle_unit(plant=True), dynamo)
     # stem 16 -> 8 (4 per half; the split becomes 4 + 4), the branch reads 4 and writes 4 of 8, the head
     # reads the 8 channels left after concat and shuffle; the shuffle becomes one Gather of the kept ones
     assert conv_layout(res.model) == [([8, 3, 3, 3], 1), ([8, 4, 1, 1], 1), ([8, 1, 3, 3], 8),
@@ -106,7 +83,7 @@ def test_dead_channels_cross_split_concat_and_shuffle(dynamo):
 @pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
 @pytest.mark.parametrize("block", ["shuffle", "grouped"])
 def test_unpruned_blocks_come_out_unchanged_and_exact(block, dynamo):
-    net = _shuffle_unit(plant=False) if block == "shuffle" else _bottleneck([])
+    net = shuffle_unit(plant=False) if block == "shuffle" else grouped_bottleneck([])
     model, res = _surgery(net, dynamo, channel_multiple=8)
     assert conv_layout(res.model) == conv_layout(model)
     assert not res.report["changes"]["dead_channels"] and not res.report["layers_removed"]
@@ -120,7 +97,7 @@ def test_only_whole_channel_permutations_are_routes():
     from egp_deploy.surgery.canonicalize import fold_constants
     from egp_deploy.surgery.channel_routes import find_routes
     from egp_deploy.surgery.cleanup import refresh_shapes
-    from surgery_blocks_channels import channel_shuffle
+    from surgery_blocks import channel_shuffle
 
     class Layouts(torch.nn.Module):
         def forward(self, x):  # a spatial transpose keeps the shape but moves pixels: not a channel route

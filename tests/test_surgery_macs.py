@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from egp_deploy.onnx_metrics import _node_macs, graph_metrics
 from egp_deploy.surgery import SurgeryOptions, optimize
-from surgery_blocks_channels import ShuffleUnit, export
+from surgery_blocks import ShuffleUnit, export
 from test_surgery_helpers import randn
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from egp_deploy.surgery import SurgeryOptions, optimize
-from surgery_blocks_channels import Fire, SharedHeads, export
+from surgery_blocks import PooledFire, SharedHeads, export
 from test_surgery_helpers import export_module, outputs, randn, rel_error
 
 TOL = 1e-5
@@ -46,7 +46,7 @@ def test_shared_trunk_merges_into_both_heads_when_it_pays():
 @pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
 def test_fire_squeeze_merges_into_both_expands_within_the_mac_growth(dynamo):
     torch.manual_seed(0)
-    model = export(Fire(), (1, 16, 8, 8), dynamo=dynamo)
+    model = export(PooledFire(), (1, 16, 8, 8), dynamo=dynamo)
     # per position: squeeze 16x4 + expand1 4x8 + expand3 4x8x9 = 384 MACs; merged 16x8 + 16x8x9 = 1280 (x3.3)
     kept = _run(model, (16, 8, 8), 1.0)
     assert _layers(kept.model) == 3 and not any(r.get("shared") for r in kept.report["changes"]["merged"])
@@ -58,6 +58,6 @@ def test_fire_squeeze_merges_into_both_expands_within_the_mac_growth(dynamo):
 
 def test_unpruned_fire_is_left_alone():
     torch.manual_seed(0)
-    model = export(Fire(linear_squeeze=False), (1, 16, 8, 8), dynamo=False)
+    model = export(PooledFire(linear_squeeze=False), (1, 16, 8, 8), dynamo=False)
     res = _run(model, (16, 8, 8), 4.0)
     assert _layers(res.model) == 3 and not res.report["changes"]["merged"]

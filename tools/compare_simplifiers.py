@@ -17,10 +17,12 @@ planner's case (MobileNetV2 blocks become one conv each; ResNet-50 merges would 
                                          mobilenet_v2-linear,resnet50,resnet50-linear] [--out DIR]
     python tools/compare_simplifiers.py --models swin_t,swin_egp --samples 64 --latency 10
 
-Rows ``dense``, ``inception``, ``fire``, ``convnext``, ``mixer`` (and ``-collapsed``): the small blocks of
-tests/surgery_blocks.py (a DenseNet block, an Inception block, two fire modules, three ConvNeXt blocks,
-two MLP-Mixer blocks; random weights), unpruned and with the all-zero layers the tests plant (constant
-branches into Concats, collapsed MLPs behind permutes/transposes): ``--models blocks`` is all ten.
+Rows ``dense``, ``inception``, ``fire``, ``convnext``, ``mixer``, ``shuffle``, ``grouped`` (and ``-collapsed``):
+the small blocks of tests/surgery_blocks.py (a DenseNet block, an Inception block, two fire modules, three
+ConvNeXt blocks, two MLP-Mixer blocks, a ShuffleNetV2 unit, a ResNeXt grouped bottleneck; random weights),
+unpruned and with the collapse the tests plant (constant branches into Concats, collapsed MLPs behind
+permutes/transposes, dead channels through split/concat/shuffle, dead groups of a grouped conv):
+``--models blocks`` is all fourteen.
 
 ``swin_egp``: Swin-T whose MLP fc1 is all zero in 4 of its 12 blocks and half of the hidden units of two
 more are dead (what EGP's layer collapse leaves in an MLP). ``--latency S`` also times exported,
