@@ -388,3 +388,5 @@ def unpruned(name: str, in_channels: int = 3) -> nn.Module:
 
 
 BLOCK_NAMES = ("dense", "inception", "fire", "convnext", "mixer", "shuffle", "grouped")
+NARROWING_BLOCKS = ("shuffle", "grouped")
+"""Blocks whose planted collapse is dead channels: an exact surgery keeps every layer, narrower."""
