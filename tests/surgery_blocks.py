@@ -360,6 +360,22 @@ def layer_count(model: onnx.ModelProto) -> int:
     return sum(n.op_type in LAYER_OPS for n in model.graph.node)
 
 
+def counts_from_both_exporters(name: str, shape: tuple[int, ...], calibration, options, summary_key: str) -> list[tuple]:
+    """The collapsed block ``name`` exported with dynamo=False and dynamo=True, each surgered with
+    ``options`` and checked exact on ``calibration``: (layers before, layers after, layers the report
+    says it removed, ``report["summary"][summary_key]``) per exporter."""
+    from egp_deploy.surgery import optimize
+
+    net, counts = collapsed(name), []
+    for dynamo in (False, True):
+        model = export(net, shape, dynamo)
+        res = optimize(model, calibration, None, options)
+        assert res.report["verification"]["calibration"]["rel_error"] <= 1e-5
+        counts.append((layer_count(model), layer_count(res.model), res.report["summary"]["layers_removed"],
+                       res.report["summary"][summary_key]))
+    return counts
+
+
 def assert_report_honest(model: onnx.ModelProto, result) -> None:
     """The report claims only what happened: the layers it lists as removed are gone (and their
     number is the drop in the layer count), every narrowing it lists names layers that are still

@@ -16,16 +16,14 @@ import re
 import typing
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
 
 from egp_deploy import api
 from egp_deploy.cli._common import invoke
 from egp_deploy.errors import EgpError, UsageError
 from egp_deploy.validation import RANGES, SURGERY_OPTIONS, Range
+from test_reliability import _tiny_onnx  # the one tiny single-input ONNX model of the CLI tests
 
 
 class _ReachedTheWork(BaseException):
@@ -103,15 +101,6 @@ OPTION_CASES = _option_cases()
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-def _tiny_onnx(path: Path) -> Path:
-    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [w])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
 
 
 @pytest.fixture

@@ -9,11 +9,31 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from surgery_blocks import (
+    DenseBlock,
+    FireNet,
+    InceptionBlock,
+    assert_report_honest,
+    collapsed,
+    counts_from_both_exporters,
+    export,
+    layer_count,
+)
+from test_surgery_helpers import (
+    apply,
+    export_module,
+    graph_of,
+    outputs,
+    randn,
+    rel_error,
+)
 
 from egp_deploy.surgery import SurgeryOptions, optimize
-from egp_deploy.surgery.concat_constants import absorb_concat_constants, concat_region, sample_independent
-from surgery_blocks import DenseBlock, FireNet, InceptionBlock, assert_report_honest, collapsed, export, layer_count
-from test_surgery_helpers import apply, export_module, graph_of, outputs, randn, rel_error
+from egp_deploy.surgery.concat_constants import (
+    absorb_concat_constants,
+    concat_region,
+    sample_independent,
+)
 
 EXACT = SurgeryOptions(batch_size=8, strip_activations=False)
 SHAPE = (1, 3, 16, 16)
@@ -57,15 +77,7 @@ def test_constant_branch_into_concat_folds_exactly(name):
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_both_exporters_reach_the_same_counts(name):
     before, after, _ = BLOCKS[name]
-    net = collapsed(name)
-    cal = randn(8, *SHAPE[1:])
-    counts = []
-    for dynamo in (False, True):
-        model = export(net, SHAPE, dynamo)
-        res = optimize(model, cal, None, EXACT)
-        assert res.report["verification"]["calibration"]["rel_error"] <= 1e-5
-        counts.append((layer_count(model), layer_count(res.model), res.report["summary"]["layers_removed"],
-                       res.report["summary"]["constant_layers_folded"]))
+    counts = counts_from_both_exporters(name, SHAPE, randn(8, *SHAPE[1:]), EXACT, "constant_layers_folded")
     assert counts[0] == counts[1]
     assert counts[0][:3] == (before, after, before - after)
 

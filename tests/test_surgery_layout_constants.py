@@ -11,11 +11,19 @@ import onnx_graphsurgeon as gs
 import pytest
 import torch
 import torch.nn as nn
+from surgery_blocks import (
+    ConvNeXtNet,
+    MixerNet,
+    assert_report_honest,
+    collapsed,
+    counts_from_both_exporters,
+    export,
+    layer_count,
+)
+from test_surgery_helpers import export_module, outputs, randn, rel_error
 
 from egp_deploy.surgery import SurgeryOptions, optimize
 from egp_deploy.surgery.constant_layers import _keeps_batch_axis
-from surgery_blocks import ConvNeXtNet, MixerNet, assert_report_honest, collapsed, export, layer_count
-from test_surgery_helpers import export_module, outputs, randn, rel_error
 
 EXACT = SurgeryOptions(batch_size=8, strip_activations=False)
 SHAPE = (1, 3, 32, 32)
@@ -55,15 +63,7 @@ def test_collapsed_mlp_behind_layout_ops_folds_exactly(name):
 @pytest.mark.parametrize("name", list(BLOCKS))
 def test_both_exporters_reach_the_same_counts(name):
     before, after, _ = BLOCKS[name]
-    net = collapsed(name)
-    cal = randn(8, *SHAPE[1:])
-    counts = []
-    for dynamo in (False, True):
-        model = export(net, SHAPE, dynamo)
-        res = optimize(model, cal, None, EXACT)
-        assert res.report["verification"]["calibration"]["rel_error"] <= 1e-5
-        counts.append((layer_count(model), layer_count(res.model), res.report["summary"]["layers_removed"],
-                       res.report["summary"]["mlp_units_removed"]))
+    counts = counts_from_both_exporters(name, SHAPE, randn(8, *SHAPE[1:]), EXACT, "mlp_units_removed")
     assert counts[0] == counts[1] == (before, after, before - after, 0)
 
 
@@ -165,8 +165,9 @@ def _scaled_linear(scale: np.ndarray, second_reader: bool = False):
     (np.ones((1, 3, 1, 1), np.float32), False, False),  # not along the last axis
 ])
 def test_layer_scale_folds_into_the_token_linear_layer(scale, second_reader, folds):
-    from egp_deploy.surgery.canonicalize import fold_affine
     from test_surgery_helpers import apply, ops
+
+    from egp_deploy.surgery.canonicalize import fold_affine
 
     model = _scaled_linear(scale, second_reader)
     out, records = apply(model, fold_affine)

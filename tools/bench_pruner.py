@@ -28,20 +28,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def ratios(plain, other, rounds: int) -> dict:
-    """Interleaved rounds: plain, other, plain, other ...; per-round ratio other / plain."""
-    plain(), other()  # warm-up
-    tp, to, r = [], [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        plain()
-        t1 = time.perf_counter()
-        other()
-        t2 = time.perf_counter()
-        tp.append(t1 - t0)
-        to.append(t2 - t1)
-        r.append((t2 - t1) / (t1 - t0))
-    return {"ratio": {"median": statistics.median(r), "min": min(r), "max": max(r)},
-            "plain_s_median": statistics.median(tp), "measure_s_median": statistics.median(to)}
+    """Interleaved rounds (plain, other, plain, other ...) through the package's one timing loop;
+    per-round ratio other / plain."""
+    from egp_deploy.bench import interleaved_rounds, ratio_stats
+
+    def ms(fn):
+        def timer() -> float:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        return timer
+
+    tp, to = interleaved_rounds([ms(plain), ms(other)], warmup_ms=0, min_iterations=rounds, min_duration_s=0)
+    return {"ratio": ratio_stats(to, tp), "plain_s_median": statistics.median(tp) / 1e3,
+            "measure_s_median": statistics.median(to) / 1e3}
 
 
 def main() -> int:
